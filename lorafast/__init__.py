@@ -1,0 +1,39 @@
+"""lorafast — fused LoRA linear layers for PyTorch.
+
+Public API::
+
+    lorafast.lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0,
+                         training=False, backend="auto")
+    lorafast.reference.lora_linear(...)      # plain PyTorch oracle, same signature
+    lorafast.LoRALinear(...), lorafast.LoRALinear.from_linear(linear, ...)
+    lorafast.patch(peft_model), lorafast.unpatch(peft_model)   # PEFT drop-in
+"""
+
+from lorafast import reference
+from lorafast.functional import lora_linear
+from lorafast.modules import LoRALinear
+
+__version__ = "0.1.0"
+
+
+def patch(model, **kwargs):
+    """Swap every eligible PEFT ``lora.Linear`` in ``model`` for the fused layer; returns the count.
+
+    See :func:`lorafast.peft.patch`.
+    """
+    from lorafast.peft import patch as _patch
+
+    return _patch(model, **kwargs)
+
+
+def unpatch(model):
+    """Restore PEFT's own ``lora.Linear`` class on every patched layer; returns the count.
+
+    See :func:`lorafast.peft.unpatch`.
+    """
+    from lorafast.peft import unpatch as _unpatch
+
+    return _unpatch(model)
+
+
+__all__ = ["LoRALinear", "lora_linear", "patch", "reference", "unpatch", "__version__"]

@@ -1,0 +1,57 @@
+"""Plain-PyTorch LoRA linear: PEFT's math, the oracle every fast path is checked against.
+
+This module is deliberately naive: it mirrors `peft.tuners.lora.layer.Linear.forward` for one
+adapter (base linear, input cast to the adapter dtype, dropout, A then B, times scaling, result
+cast back to the input dtype) so that tests and benchmarks have one trusted definition.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+Scaling = Union[float, torch.Tensor]
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: Scaling,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    backend: str = "auto",
+    *,
+    dropout_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Reference ``Y = X·Wᵀ + b + s·(drop(X)·Aᵀ)·Bᵀ``.
+
+    Args:
+        x: (..., K) activations, any float dtype.
+        weight: (N, K) base weight. bias: (N,) or None.
+        lora_a: (r, K); lora_b: (N, r) — may be a wider dtype than ``x`` (PEFT upcasts adapters;
+            ``x`` is then cast to ``lora_a.dtype`` for the LoRA branch, as PEFT does).
+        scaling: python float or 0-dim tensor ``s``.
+        dropout_p, training: dropout on the LoRA input, active only when ``training`` and p > 0.
+        backend: accepted for signature compatibility with :func:`lorafast.lora_linear`; ignored.
+        dropout_mask: optional boolean keep-mask broadcastable to ``x`` (True = keep). When given
+            (and dropout is active) it replaces the random mask, so a kernel's mask can be
+            replayed exactly: drop(X) = X ⊙ mask / (1 − p).
+
+    Returns:
+        (..., N) tensor in ``x.dtype``.
+    """
+    del backend
+    result = F.linear(x, weight, bias)
+    lora_in = x.to(lora_a.dtype)
+    if training and dropout_p > 0.0:
+        if dropout_mask is None:
+            lora_in = F.dropout(lora_in, p=dropout_p, training=True)
+        else:
+            lora_in = lora_in * dropout_mask.to(lora_in.dtype) / (1.0 - dropout_p)
+    lora = F.linear(F.linear(lora_in, lora_a), lora_b) * scaling
+    return (result + lora).to(x.dtype)

