@@ -1,0 +1,1 @@
+"""Triton kernels for lorafast (installed as lorafast.kernels)."""
