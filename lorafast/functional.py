@@ -1,2 +1,115 @@
-"""TEMPORARY placeholder (being replaced by the fused dispatch): forwards to the reference."""
-from lorafast.reference import lora_linear  # noqa: F401
+"""Public functional API: `lora_linear`, input validation and backend dispatch."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional, Union
+
+import torch
+
+from lorafast import ops, reference
+from lorafast.validation import check_lora_linear_args
+
+# The rank is padded to a power of two in registers by the kernels; above this the epilogue tiles
+# would crowd out the GEMM's, so larger ranks run the torch backend (unmeasured bound, see KERNELS.md).
+MAX_TRITON_RANK = 128
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, x: torch.Tensor, lora_a: torch.Tensor) -> str:
+    """Pick "triton" or "torch" for these inputs.
+
+    "auto": triton on CUDA tensors (when triton imports), torch otherwise. "triton" on CPU needs
+    TRITON_INTERPRET=1 set before triton is imported; otherwise a ValueError says so. Valid inputs
+    the kernels do not cover (fp64, rank > MAX_TRITON_RANK) fall back to torch with a one-time warning.
+    """
+    if backend == "torch":
+        return "torch"
+    if backend == "auto" and (not x.is_cuda or not _triton_available()):
+        return "torch"
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(
+            f"lora_linear: backend='triton' needs CUDA tensors, but x is on {x.device}; on CPU set "
+            "TRITON_INTERPRET=1 before importing triton (interpreter, slow) or use backend='torch'/'auto'"
+        )
+    if not _triton_available():
+        raise ValueError("lora_linear: backend='triton' requested but triton is not installed (pip install triton)")
+    if x.dtype not in TRITON_DTYPES or lora_a.dtype not in TRITON_DTYPES:
+        _warn_once("dtype", f"lorafast: {x.dtype}/{lora_a.dtype} is not supported by the Triton kernels; "
+                            "using the torch backend")
+        return "torch"
+    if lora_a.shape[0] > MAX_TRITON_RANK:
+        _warn_once("rank", f"lorafast: rank {lora_a.shape[0]} > {MAX_TRITON_RANK} runs on the torch backend")
+        return "torch"
+    return "triton"
+
+
+def _scaling_tensor(scaling: Union[float, torch.Tensor], device: torch.device) -> torch.Tensor:
+    # The kernels read s from memory, so a 0-dim tensor scaling (PEFT hotswap) needs no host sync and
+    # changing its value does not recompile under torch.compile.
+    if isinstance(scaling, torch.Tensor):
+        return scaling.detach().reshape(()).to(device=device, dtype=torch.float32)
+    return torch.full((), float(scaling), dtype=torch.float32, device=device)
+
+
+def _dropout_seed(device: torch.device) -> torch.Tensor:
+    # Drawn from the default generator of x's device, so torch.manual_seed makes a call reproducible.
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: Union[float, torch.Tensor],
+    dropout_p: float = 0.0,
+    training: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused LoRA linear ``Y = X·Wᵀ + b + s·(drop(X)·Aᵀ)·Bᵀ``.
+
+    Args:
+        x: (..., K) fp16 / bf16 / fp32 (fp64 on the torch backend), any strides.
+        weight: (N, K), x's dtype; frozen unless it requires grad (then dW = dYᵀ·X is computed by a
+            plain matmul — a documented fallback, not fused).
+        bias: (N,) or None; gets a gradient when it requires grad.
+        lora_a: (r, K); lora_b: (N, r) — any float dtype; fp32 adapters with bf16/fp16 x are read as
+            fp32 and cast per tile (no fp32 copy of x). Gradients come back in each one's dtype.
+        scaling: python float or 0-dim float tensor s (no gradient flows to it).
+        dropout_p: dropout on the LoRA input, applied only when ``training`` and p > 0; its Philox
+            seed is drawn from the default generator of x's device.
+        backend: "auto" (triton on CUDA, torch on CPU), "triton" (CPU only under TRITON_INTERPRET=1)
+            or "torch".
+
+    Returns:
+        (..., N) tensor in x's dtype.
+    """
+    check_lora_linear_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p, backend)
+    p = float(dropout_p) if training else 0.0
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.shape[0] == 0:
+        return reference.lora_linear(x, weight, bias, lora_a, lora_b, scaling)
+    chosen = resolve_backend(backend, x, lora_a)
+    seed = _dropout_seed(x.device) if p > 0.0 else torch.zeros((1,), dtype=torch.int64, device=x.device)
+    y, _ = ops.lora_linear_fwd(x2, weight, bias, lora_a, lora_b, _scaling_tensor(scaling, x.device), seed, p, chosen)
+    return y.reshape(*lead, weight.shape[0])

@@ -1,0 +1,97 @@
+"""Launch configurations per GPU architecture, and the autotune wrapper.
+
+Block sizes are starting points chosen from the usual Triton GEMM tables (tutorial 03) and checked
+for spills / shared memory by the AOT gate (`python -m lorafast.aot`); they are not yet tuned on a
+GPU (unmeasured). Under the interpreter (TRITON_INTERPRET=1) one small config runs, because the
+interpreter cannot autotune over several.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, Dict, List, Sequence
+
+import triton
+
+GEMM = "gemm"      # Y = X·Wᵀ (+ LoRA epilogue), dX = dY·W (+ LoRA epilogue)
+SKINNY = "skinny"  # rank-r passes: shrink (M×K → M×r), dH/dB (M×N → M×r, N×r), dA (M×K → r×K)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _cfg(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
+    return triton.Config(dict(blocks), num_warps=num_warps, num_stages=num_stages)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); GROUP_M = 8 everywhere for L2 reuse of W.
+_GEMM_TABLE = {
+    90: [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
+    80: [(128, 128, 32, 4, 4), (128, 256, 32, 8, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4)],
+}
+# Skinny passes stream one big operand; BLOCK_N names the streamed dimension's tile.
+_SKINNY_TABLE = {
+    90: [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4)],
+    80: [(64, 128, 32, 4, 3), (128, 64, 32, 4, 4), (64, 64, 64, 4, 4)],
+}
+_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
+
+
+def configs(kind: str, arch: int) -> List[triton.Config]:
+    """Autotune candidates for a kernel family on compute capability ``arch`` (80, 90, ...)."""
+    if interpreting():
+        return [triton.Config(dict(_INTERPRETER_CONFIG), num_warps=4, num_stages=1)]
+    table = _GEMM_TABLE if kind == GEMM else _SKINNY_TABLE
+    rows = table[90] if arch >= 90 else table[80]
+    return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk) for bm, bn, bk, w, s in rows]
+
+
+def device_arch(device) -> int:
+    """Compute capability as an int (90 for H100); 80 under the interpreter."""
+    if interpreting():
+        return 80
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(fn, kind: str, arch: int, key: Sequence[str], reset_to_zero: Sequence[str]):
+    return triton.autotune(
+        configs=configs(kind, arch), key=list(key), reset_to_zero=list(reset_to_zero) or None
+    )(fn)
+
+
+def launch(
+    fn,
+    kind: str,
+    device,
+    grid: Callable[[Dict], tuple],
+    args: Sequence,
+    key: Sequence[str] = ("M_BUCKET", "N", "K"),
+    reset_to_zero: Sequence[str] = (),
+    **constexprs,
+) -> None:
+    """Launch ``fn`` with the arch's autotuned config (or the interpreter's single config)."""
+    if interpreting():
+        cfg = configs(kind, 80)[0]
+        fn[lambda meta: grid({**meta, **cfg.kwargs})](
+            *args, **constexprs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+        )
+        return
+    kernel = _autotuned(fn, kind, device_arch(device), tuple(key), tuple(reset_to_zero))
+    kernel[grid](*args, **constexprs)
+
+
+def m_bucket(M: int) -> int:
+    """Autotune key for M: the next power of two (capped), so varying sequence lengths reuse tunings."""
+    return min(triton.next_power_of_2(max(M, 1)), 1 << 16)
+
+
+def rank_block(r: int) -> int:
+    """The rank dimension padded for tl.dot: a power of two >= 16 (masked loads fill the pad)."""
+    return max(16, triton.next_power_of_2(r))

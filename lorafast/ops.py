@@ -1,0 +1,121 @@
+"""The fused LoRA linear as `torch.library` custom ops with fake and autograd registrations.
+
+`torch.compile(fullgraph=True)` traces these as opaque ops (no graph break); the backend string
+picks the Triton kernels or the plain-PyTorch implementation of the same math at run time.
+Saved for backward: x (already alive), H (M×r) and the dropout seed — nothing else of size M×K or M×N.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from lorafast import torch_backend
+from lorafast.torch_backend import accum_dtype
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        from lorafast import triton_backend
+
+        return triton_backend
+    return torch_backend
+
+
+@torch.library.custom_op("lorafast::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: Tensor,
+    seed: Tensor,
+    dropout_p: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
+    """x (M, K) → (y (M, N) in x's dtype, H (M, r) fp32 — unscaled LoRA hidden, saved for backward)."""
+    return _impl(backend).forward(x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p)
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p, backend):
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    h = x.new_empty((x.shape[0], lora_a.shape[0]), dtype=accum_dtype(x.dtype))
+    return y, h
+
+
+@torch.library.custom_op("lorafast::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    h: Tensor,
+    scaling: Tensor,
+    seed: Tensor,
+    dropout_p: float,
+    backend: str,
+    need_dx: bool,
+    need_da: bool,
+    need_db_lora: bool,
+    need_dbias: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dX (M, K) in x's dtype, dA (r, K), dB (N, r), db (N,) — fp32 accumulators); an output not
+    asked for comes back as an empty (0,) tensor, since custom ops cannot return None."""
+    grads = _impl(backend).backward(
+        grad_y, x, weight, lora_a, lora_b, h, scaling, seed, dropout_p, need_dx, need_da, need_db_lora, need_dbias
+    )
+    return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
+
+
+@lora_linear_bwd.register_fake
+def _(grad_y, x, weight, lora_a, lora_b, h, scaling, seed, dropout_p, backend, need_dx, need_da, need_db_lora,
+      need_dbias):
+    acc = accum_dtype(x.dtype)
+    M, K = x.shape
+    N, r = lora_b.shape
+    return (
+        x.new_empty((M, K) if need_dx else (0,)),
+        x.new_empty((r, K) if need_da else (0,), dtype=acc),
+        x.new_empty((N, r) if need_db_lora else (0,), dtype=acc),
+        x.new_empty((N,) if need_dbias else (0,), dtype=acc),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p, backend = inputs
+    _, h = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, h, scaling, seed)
+    ctx.dropout_p = dropout_p
+    ctx.backend = backend
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.mark_non_differentiable(h)
+
+
+def _backward(ctx, grad_y, _grad_h):
+    x, weight, lora_a, lora_b, h, scaling, seed = ctx.saved_tensors
+    need_dx, need_dw, need_dbias, need_da, need_db_lora = ctx.needs_input_grad[:5]
+    dx, da, db_lora, dbias = torch.ops.lorafast.lora_linear_bwd(
+        grad_y, x, weight, lora_a, lora_b, h, scaling, seed, ctx.dropout_p, ctx.backend,
+        need_dx, need_da, need_db_lora, need_dbias,
+    )
+    # Documented fallback: a trainable base weight gets dW = dYᵀ·X from a plain matmul.
+    dw = (grad_y.t() @ x.to(grad_y.dtype)).to(weight.dtype) if need_dw else None
+    return (
+        dx if need_dx else None,
+        dw,
+        dbias.to(ctx.bias_dtype) if need_dbias else None,
+        da.to(lora_a.dtype) if need_da else None,
+        db_lora.to(lora_b.dtype) if need_db_lora else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,99 @@
+"""The fused LoRA math in plain PyTorch ops: the CPU path (and the GPU fallback).
+
+Same contract as the Triton launchers (see lorafast/ops.py): H is saved unscaled by 1/(1−p), the
+dropout mask is regenerated from the saved seed instead of stored, and the M×N / M×K results are
+accumulated in place (addmm_) so no M×N temporary exists beyond the output itself.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16/32-bit inputs, fp64 for fp64 (so float64 gradcheck stays exact)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def dropout_keep_mask(seed: torch.Tensor, M: int, K: int, p: float, device: torch.device) -> torch.Tensor:
+    """(M, K) bool keep-mask, a pure function of (seed, M, K, p) on this backend.
+
+    A private generator seeded from ``seed`` (an int64 (1,) tensor) regenerates the forward's mask
+    in backward, so nothing of size M×K is saved. Differs from the Triton backend's Philox mask.
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed.reshape(-1)[0].item()))
+    return torch.empty((M, K), device=device).uniform_(generator=gen) >= p
+
+
+def forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    seed: torch.Tensor,
+    dropout_p: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """y = X·Wᵀ + b + s/(1−p)·H·Bᵀ and H = (X ⊙ keep)·Aᵀ.
+
+    x: (M, K); weight: (N, K) in x's dtype; adapters any float dtype (cast to x's dtype, which is
+    the Triton kernels' dot dtype too). Returns y (M, N) in x's dtype and H (M, r) fp32.
+    """
+    dtype = x.dtype
+    y = torch.addmm(bias.to(dtype), x, weight.t()) if bias is not None else x @ weight.t()
+    lora_in = x
+    if dropout_p > 0.0:
+        lora_in = x * dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+    h = lora_in @ lora_a.to(dtype).t()
+    h_scaled = h * (scaling.to(h.dtype) / (1.0 - dropout_p))
+    y.addmm_(h_scaled, lora_b.to(dtype).t())
+    return y, h.to(accum_dtype(dtype))
+
+
+def backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    h: torch.Tensor,
+    scaling: torch.Tensor,
+    seed: torch.Tensor,
+    dropout_p: float,
+    need_dx: bool,
+    need_da: bool,
+    need_db_lora: bool,
+    need_dbias: bool,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """dX = dY·W + keep⊙(dH·A)/(1−p), dA = dHᵀ·drop(X), dB = s·dYᵀ·H/(1−p), db = Σₘ dY,
+    with dH = s·dY·B. Shapes as in :func:`forward`; dA (r, K), dB (N, r), db (N,) come back fp32 (fp64 for fp64)
+    (cast to each parameter's dtype by the caller); None where not needed."""
+    dtype = grad_y.dtype
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    s = scaling.to(dtype)
+    dh = (grad_y @ lora_b.to(dtype)) * s if (need_dx or need_da) else None
+    keep = None
+    if dropout_p > 0.0 and (need_dx or need_da):
+        keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+    dx = None
+    if need_dx:
+        dx = grad_y @ weight
+        if keep is None:
+            dx.addmm_(dh, lora_a.to(dtype))
+        else:
+            dx.addcmul_(dh @ lora_a.to(dtype), keep, value=inv_keep)
+    da = None
+    if need_da:
+        lora_in = x if keep is None else x * keep
+        da = (dh.t() @ lora_in).to(accum_dtype(dtype))
+        if keep is not None:
+            da.mul_(inv_keep)
+    db_lora = None
+    if need_db_lora:
+        db_lora = (grad_y.t() @ h.to(dtype)).to(accum_dtype(dtype)).mul_(scaling * inv_keep)
+    dbias = grad_y.sum(0, dtype=accum_dtype(dtype)) if need_dbias else None
+    return dx, da, db_lora, dbias

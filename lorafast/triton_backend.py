@@ -1,0 +1,49 @@
+"""The fused LoRA math on the Triton kernels (lorafast.kernels): same contract as torch_backend."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from lorafast.kernels.lora_bwd import dx_with_lora_epilogue, lora_grad_a, lora_grad_h
+from lorafast.kernels.lora_fwd import lora_expand_gemm, lora_shrink
+
+
+def forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    seed: torch.Tensor,
+    dropout_p: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Two launches: H = drop(X)·Aᵀ, then Y = X·Wᵀ + b + s/(1−p)·H·Bᵀ. Returns (y, H fp32)."""
+    h = lora_shrink(x, lora_a, seed, dropout_p)
+    y = lora_expand_gemm(x, weight, bias, h, lora_b, scaling, h_factor=1.0 / (1.0 - dropout_p))
+    return y, h
+
+
+def backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    h: torch.Tensor,
+    scaling: torch.Tensor,
+    seed: torch.Tensor,
+    dropout_p: float,
+    need_dx: bool,
+    need_da: bool,
+    need_db_lora: bool,
+    need_dbias: bool,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Up to three launches: dH/dB/db over dY, the dX GEMM with its LoRA epilogue, dA over X."""
+    h_factor = 1.0 / (1.0 - dropout_p)
+    dh, db_lora, dbias = lora_grad_h(grad_y, lora_b, h, scaling, h_factor, need_db_lora, need_dbias)
+    dx = dx_with_lora_epilogue(grad_y, weight, dh, lora_a, seed, dropout_p) if need_dx else None
+    da = lora_grad_a(x, dh, seed, dropout_p) if need_da else None
+    return dx, da, db_lora, dbias
