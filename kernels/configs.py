@@ -41,9 +41,14 @@ _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
 
 
 def configs(kind: str, arch: int) -> List[triton.Config]:
-    """Autotune candidates for a kernel family on compute capability ``arch`` (80, 90, ...)."""
+    """Configs to run with: the GPU autotune list, or the interpreter's single config."""
     if interpreting():
         return [triton.Config(dict(_INTERPRETER_CONFIG), num_warps=4, num_stages=1)]
+    return gpu_configs(kind, arch)
+
+
+def gpu_configs(kind: str, arch: int) -> List[triton.Config]:
+    """Autotune candidates for a kernel family on compute capability ``arch`` (80, 90, ...)."""
     table = _GEMM_TABLE if kind == GEMM else _SKINNY_TABLE
     rows = table[90] if arch >= 90 else table[80]
     return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk) for bm, bn, bk, w, s in rows]
