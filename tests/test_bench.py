@@ -1,0 +1,137 @@
+"""The bench CLI end to end on a tiny CPU shape, its correctness machinery, and the roofline model.
+
+No timing assertions: only that the report is complete, finite and self-consistent.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorafast import bench, roofline
+from lorafast.__main__ import main
+
+TINY = bench.Shape("tiny", 64, 96, 80)
+
+
+def _strict_json(path):
+    def reject(constant):
+        raise ValueError(f"non-strict JSON constant {constant}")
+
+    with open(path, encoding="utf-8") as f:
+        return json.load(f, parse_constant=reject)
+
+
+def test_cli_quick_cpu_writes_complete_report(tmp_path, capsys):
+    argv = ["bench", "--quick", "--device", "cpu", "--shapes", "64,96,80", "--rank", "4", "--dropout", "0", "0.1",
+            "--cpu-budget", "0.05", "--out", str(tmp_path), "--name", "tiny", "--no-progress"]
+    assert main(argv) == 0
+    report = _strict_json(tmp_path / "tiny.json")
+    assert report["environment"]["device"] == "cpu"
+    assert report["environment"]["backend_resolved"] == "torch"
+    assert report["failures"] == []
+    results = report["results"]
+    # fwd (eval) once, fwd+bwd for each p; four implementations each.
+    groups = {(r["mode"], r["dropout"]) for r in results}
+    assert groups == {("fwd", None), ("fwd+bwd", 0.0), ("fwd+bwd", 0.1)}
+    for group in groups:
+        impls = {r["impl"] for r in results if (r["mode"], r["dropout"]) == group}
+        assert impls == set(bench.IMPLEMENTATIONS)
+    for r in results:
+        assert r["median_ms"] > 0 and math.isfinite(r["median_ms"]) and r["reps"] >= 3
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["correct"] is True
+        expected = {"y"} if r["mode"] == "fwd" else ({"y", "dx"} if r["impl"] == "base" else {"y", "dx", "da", "db"})
+        assert expected <= set(r["errors"])
+        assert all(math.isfinite(v) and v < 1e-4 for k, v in r["errors"].items() if k != "keep")
+        if r["mode"] == "fwd+bwd":
+            assert r["saved_bytes"] >= r["saved_extra_bytes"] >= 0
+    for row in report["summary"]:
+        for key in ("speedup_vs_peft", "lorafast_vs_base", "peft_vs_base"):
+            assert row[key] > 0 and math.isfinite(row[key])
+    markdown = (tmp_path / "tiny.md").read_text(encoding="utf-8")
+    for word in ("lorafast", "PEFT", "reference", "base", "speedup vs PEFT"):
+        assert word in markdown
+    assert (tmp_path / "tiny.png").stat().st_size > 0
+    assert "speedup vs PEFT" in capsys.readouterr().out
+
+
+def test_parse_shapes_presets_and_explicit():
+    shapes = bench.parse_shapes(["bert,llama", "64x96x80", "1,2,3"])
+    assert [s.name for s in shapes[:4]] == ["bert-attn", "bert-ffn-up", "llama8b-attn", "llama8b-mlp-up"]
+    assert (shapes[4].M, shapes[4].K, shapes[4].N) == (64, 96, 80)
+    assert (shapes[5].M, shapes[5].K, shapes[5].N) == (1, 2, 3)
+    with pytest.raises(ValueError, match="unknown shape 'gpt'"):
+        bench.parse_shapes(["gpt"])
+
+
+@pytest.mark.parametrize("name", ["reference", "peft"])
+def test_recovered_dropout_mask_is_the_one_drawn(name):
+    inputs = bench.make_inputs(TINY, 4, torch.float32, torch.device("cpu"))
+    mask = bench.recover_dropout_mask(name, inputs, 0.5, "auto", seed=3)
+    # Both draw F.dropout's mask from the global generator, first thing after the seed.
+    torch.manual_seed(3)
+    drawn = F.dropout(torch.ones(TINY.M, TINY.K), p=0.5) != 0
+    assert torch.equal(mask, drawn)
+
+
+def test_check_flags_a_wrong_mask_and_a_wrong_layer():
+    inputs = bench.make_inputs(TINY, 4, torch.float32, torch.device("cpu"))
+    errors = bench.check_implementation("lorafast", inputs, 0.3, "fwd+bwd")
+    assert bench.passes(errors, None, torch.float32)
+    assert 0.5 < errors["keep"] < 0.9
+    # The reference replayed with a different mask than the one drawn must fail the check.
+    wrong = bench.float64_reference(inputs, 0.3, True, torch.rand(TINY.M, TINY.K) >= 0.3, base_only=False)
+    assert bench.relative_error(wrong[1], bench.float64_reference(inputs, 0.3, True, None, False)[1]) > 1e-3
+    # An implementation that forgets the LoRA branch fails.
+    base_as_lora = {"y": bench.relative_error(F.linear(inputs.x, inputs.weight, inputs.bias),
+                                              bench.float64_reference(inputs, 0.0, False, None, False)[0])}
+    assert not bench.passes(base_as_lora, None, torch.float32)
+    assert not bench.passes({"y": float("nan")}, None, torch.float32)
+
+
+def test_saved_bytes_fused_keeps_nothing_of_size_mk():
+    inputs = bench.make_inputs(TINY, 4, torch.float32, torch.device("cpu"))
+    impls = bench.build_implementations(inputs, 0.1)
+    mk_bytes = TINY.M * TINY.K * 4
+    _, fused_extra = bench.saved_bytes(impls["lorafast"], inputs)
+    _, peft_extra = bench.saved_bytes(impls["peft"], inputs)
+    _, base_extra = bench.saved_bytes(impls["base"], inputs)
+    assert fused_extra < mk_bytes / 4  # H (M×r fp32) and scalars only
+    assert peft_extra >= mk_bytes  # PEFT keeps the dropped-out copy of x (and its mask)
+    assert base_extra == 0
+
+
+@pytest.mark.parametrize("shape", bench.SHAPE_PRESETS["bert"] + bench.SHAPE_PRESETS["llama"], ids=lambda s: s.name)
+@pytest.mark.parametrize("mode", roofline.MODES)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_roofline_orders_the_implementations(shape, mode, p):
+    for r in (8, 16, 64):
+        plans = roofline.plans(shape.M, shape.K, shape.N, r, p, mode, "bfloat16")
+        fused, peft, base = plans["lorafast"], plans["peft"], plans["base"]
+        assert base.bytes < fused.bytes < peft.bytes
+        assert base.flops < fused.flops <= peft.flops * 1.001
+        assert len(base.kernels) < len(fused.kernels) < len(peft.kernels)
+        for ceilings in roofline.DEVICES.values():
+            pred = roofline.predict(shape.M, shape.K, shape.N, r, p, mode, "bfloat16", ceilings)
+            assert pred["ms"]["base"] <= pred["ms"]["lorafast"] < pred["ms"]["peft"]
+            assert pred["speedup_vs_peft"] > 1.0 and pred["lorafast_vs_base"] >= 1.0
+
+
+def test_roofline_numbers_by_hand():
+    # Llama attention projection, r=16, training with p=0.1, bf16: the base GEMM pair is
+    # 2·2·8192·4096·4096 FLOPs; PEFT's dropout alone moves 2·M·K bf16 + an M·K bool mask.
+    M, K, N, r = 8192, 4096, 4096, 16
+    plans = roofline.plans(M, K, N, r, 0.1, "fwd+bwd", "bfloat16")
+    assert plans["base"].flops == 4 * M * N * K
+    dropout = [k for k in plans["peft"].kernels if k.name.startswith("dropout:")]
+    assert dropout[0].bytes == 2 * 2 * M * K + M * K
+    h100 = roofline.H100
+    gemm_s = 2 * M * N * K / h100.matmul_flops["bfloat16"]
+    assert plans["base"].seconds(h100, "bfloat16", with_launch=False) == pytest.approx(2 * gemm_s)
+    assert roofline.ceilings_for_device_name("NVIDIA H100 80GB HBM3") is roofline.H100
+    assert roofline.ceilings_for_device_name("NVIDIA A100-SXM4-40GB") is None
+    with pytest.raises(ValueError, match="mode"):
+        roofline.plans(M, K, N, r, 0.1, "bwd", "bfloat16")
