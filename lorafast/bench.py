@@ -96,9 +96,7 @@ def parse_shapes(tokens: Sequence[str]) -> List[Shape]:
         for name in token.split(","):
             name = name.strip().lower()
             if name not in SHAPE_PRESETS:
-                raise ValueError(
-                    f"--shapes: unknown shape {name!r}; use one of {sorted(SHAPE_PRESETS)} or M,K,N"
-                )
+                raise ValueError(f"--shapes: unknown shape {name!r}; use one of {sorted(SHAPE_PRESETS)} or M,K,N")
             shapes.extend(SHAPE_PRESETS[name])
     return shapes
 
@@ -187,12 +185,8 @@ def _peft_layer(inputs: LoRAInputs, dropout_p: float) -> nn.Module:
 
     N, K = inputs.weight.shape
     holder = nn.Module()
-    holder.linear = nn.Linear(
-        K, N, bias=inputs.bias is not None, device=inputs.x.device, dtype=inputs.x.dtype
-    )
-    config = LoraConfig(
-        r=inputs.rank, lora_alpha=inputs.rank, lora_dropout=dropout_p, target_modules=["linear"]
-    )
+    holder.linear = nn.Linear(K, N, bias=inputs.bias is not None, device=inputs.x.device, dtype=inputs.x.dtype)
+    config = LoraConfig(r=inputs.rank, lora_alpha=inputs.rank, lora_dropout=dropout_p, target_modules=["linear"])
     layer = inject_adapter_in_model(config, holder).linear
     layer.to(dtype=inputs.x.dtype)
     with torch.no_grad():
@@ -215,9 +209,7 @@ def build_implementations(
         if name == "lorafast":
 
             def forward(x, training, _p=dropout_p):
-                return lorafast.lora_linear(
-                    x, W, b, A, B, s, dropout_p=_p, training=training, backend=backend
-                )
+                return lorafast.lora_linear(x, W, b, A, B, s, dropout_p=_p, training=training, backend=backend)
 
             impls[name] = Implementation(name, forward, [A, B], [W, b, A, B])
         elif name == "reference":
@@ -255,9 +247,7 @@ def inference_call(impl: Implementation, x: torch.Tensor) -> Callable[[], torch.
     return call
 
 
-def training_call(
-    impl: Implementation, x: torch.Tensor, dy: torch.Tensor
-) -> Callable[[], Tuple[torch.Tensor, ...]]:
+def training_call(impl: Implementation, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], Tuple[torch.Tensor, ...]]:
     """``fwd+bwd`` mode: forward with dropout, then gradients of X and the trainable tensors.
 
     Returns ``(y, dX, *d trainable)``; ``autograd.grad`` leaves no ``.grad`` to accumulate."""
@@ -301,9 +291,7 @@ def _probe_inputs(inputs: LoRAInputs) -> LoRAInputs:
     )
 
 
-def recover_dropout_mask(
-    name: str, inputs: LoRAInputs, dropout_p: float, backend: str, seed: int
-) -> torch.Tensor:
+def recover_dropout_mask(name: str, inputs: LoRAInputs, dropout_p: float, backend: str, seed: int) -> torch.Tensor:
     """The (M, K) keep-mask that implementation ``name`` draws after ``torch.manual_seed(seed)``.
 
     Dropout masks are pure functions of the RNG state and the shape, so a probe call with the same
@@ -452,9 +440,7 @@ def time_cpu_round_robin(
     timings = {}
     for name, values in samples.items():
         ms = sorted(v * 1e3 for v in values)
-        timings[name] = Timing(
-            statistics.median(ms), _quantile(ms, 0.2), _quantile(ms, 0.8), len(ms), "perf_counter"
-        )
+        timings[name] = Timing(statistics.median(ms), _quantile(ms, 0.2), _quantile(ms, 0.8), len(ms), "perf_counter")
     return timings
 
 
@@ -597,17 +583,13 @@ def _groups(config: BenchConfig) -> List[Tuple[Shape, int, Optional[float], str]
     return groups
 
 
-def _predicted(
-    config: BenchConfig, shape: Shape, rank: int, p: Optional[float], mode: str
-) -> Dict[str, float]:
+def _predicted(config: BenchConfig, shape: Shape, rank: int, p: Optional[float], mode: str) -> Dict[str, float]:
     if config.device.type != "cuda":
         return {}
     ceilings = roofline.ceilings_for_device_name(torch.cuda.get_device_name(config.device))
     if ceilings is None or dtype_name(config.dtype) not in ceilings.matmul_flops:
         return {}
-    pred = roofline.predict(
-        shape.M, shape.K, shape.N, rank, p or 0.0, mode, dtype_name(config.dtype), ceilings
-    )
+    pred = roofline.predict(shape.M, shape.K, shape.N, rank, p or 0.0, mode, dtype_name(config.dtype), ceilings)
     ms = pred["ms"]
     return {"lorafast": ms["lorafast"], "peft": ms["peft"], "reference": ms["peft"], "base": ms["base"]}
 
@@ -639,9 +621,7 @@ def run_benchmark(config: BenchConfig) -> Dict[str, object]:
         dropout_p = p if p is not None else 0.0
         impls = build_implementations(inputs, dropout_p, config.backend, impl_names)
 
-        errors = {
-            n: check_implementation(n, inputs, dropout_p, mode, config.backend, config.seed) for n in impls
-        }
+        errors = {n: check_implementation(n, inputs, dropout_p, mode, config.backend, config.seed) for n in impls}
         reference_errors = errors.get("reference")
         if mode == "fwd":
             calls = {n: inference_call(impl, inputs.x) for n, impl in impls.items()}
@@ -873,15 +853,12 @@ def plot_speedups(report: Dict[str, object], path: str) -> Optional[str]:
         print("lorafast bench: matplotlib is not installed; skipping the plot", file=sys.stderr)
         return None
     labels = [
-        f"{row['shape']}\nr={row['rank']} {row['mode']}"
-        + ("" if row["dropout"] is None else f" p={row['dropout']:g}")
+        f"{row['shape']}\nr={row['rank']} {row['mode']}" + ("" if row["dropout"] is None else f" p={row['dropout']:g}")
         for row in rows
     ]
     positions = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(rows)), 4.5))
-    ax.bar(
-        [i - 0.2 for i in positions], [row["speedup_vs_peft"] for row in rows], width=0.4, label="lorafast"
-    )
+    ax.bar([i - 0.2 for i in positions], [row["speedup_vs_peft"] for row in rows], width=0.4, label="lorafast")
     ax.bar(
         [i + 0.2 for i in positions],
         [row["peft_vs_base"] for row in rows],
@@ -921,9 +898,7 @@ def output_stem(report: Dict[str, object]) -> str:
     return f"{slug}-{stamp}"
 
 
-def write_report(
-    report: Dict[str, object], out_dir: str, stem: Optional[str] = None
-) -> Dict[str, Optional[str]]:
+def write_report(report: Dict[str, object], out_dir: str, stem: Optional[str] = None) -> Dict[str, Optional[str]]:
     """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` under ``out_dir``; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     stem = stem or output_stem(report)
@@ -970,9 +945,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="LoRA ranks; default 8 16 64 (--quick: 8 on CPU, 16 on CUDA)",
     )
-    parser.add_argument(
-        "--dropout", type=float, nargs="+", default=None, help="dropout p values; default 0 0.1"
-    )
+    parser.add_argument("--dropout", type=float, nargs="+", default=None, help="dropout p values; default 0 0.1")
     parser.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16; default bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--device", default=None, help="cuda | cpu | cuda:N; default cuda when available")
     parser.add_argument(
@@ -981,9 +954,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "triton", "torch"],
         help="lorafast backend (default auto: triton on CUDA, torch on CPU)",
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="fewer ranks and repeats (~30 s on a 2-core CPU)"
-    )
+    parser.add_argument("--quick", action="store_true", help="fewer ranks and repeats (~30 s on a 2-core CPU)")
     parser.add_argument(
         "--cuda-graphs",
         action="store_true",
@@ -1043,8 +1014,10 @@ def run(args: argparse.Namespace) -> int:
     if config.device.type == "cpu" and hasattr(os, "getloadavg"):
         load, cores = os.getloadavg()[0], os.cpu_count() or 1
         if load > 0.5 * cores:
-            print(f"lorafast bench: load average {load:.1f} on {cores} cores; CPU timings will be disturbed",
-                  file=sys.stderr)
+            print(
+                f"lorafast bench: load average {load:.1f} on {cores} cores; CPU timings will be disturbed",
+                file=sys.stderr,
+            )
     report = run_benchmark(config)
     print(markdown_report(report))
     if args.out:

@@ -186,9 +186,7 @@ def peft_plan(M: int, K: int, N: int, r: int, p: float, mode: str, dtype: str, b
     return plan
 
 
-def plans(
-    M: int, K: int, N: int, r: int, p: float, mode: str, dtype: str, bias: bool = True
-) -> Dict[str, Plan]:
+def plans(M: int, K: int, N: int, r: int, p: float, mode: str, dtype: str, bias: bool = True) -> Dict[str, Plan]:
     """The three plans (``lorafast``, ``peft``, ``base``) for one configuration."""
     return {
         "lorafast": lorafast_plan(M, K, N, r, p, mode, dtype, bias),
@@ -251,9 +249,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``python -m lorafast roofline`` (and ``benchmarks/roofline.py``)."""
     parser.add_argument("--device", choices=sorted(DEVICES), nargs="+", default=sorted(DEVICES))
     parser.add_argument("--dtype", choices=sorted(_DTYPE_BYTES), default="bfloat16")
-    parser.add_argument(
-        "--shapes", nargs="+", default=["bert", "llama"], help="presets or M,K,N (as in bench)"
-    )
+    parser.add_argument("--shapes", nargs="+", default=["bert", "llama"], help="presets or M,K,N (as in bench)")
     parser.add_argument("--rank", type=int, nargs="+", default=[8, 16, 64])
     parser.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1])
     parser.add_argument("--no-launch", action="store_true", help="leave out the per-kernel launch cost")
@@ -267,9 +263,7 @@ def prediction_rows(args: argparse.Namespace) -> List[Dict[str, object]]:
     for device in args.device:
         ceilings = DEVICES[device]
         if args.no_launch:
-            ceilings = DeviceCeilings(
-                ceilings.name, ceilings.matmul_flops, ceilings.bandwidth, 0.0, ceilings.source
-            )
+            ceilings = DeviceCeilings(ceilings.name, ceilings.matmul_flops, ceilings.bandwidth, 0.0, ceilings.source)
         for shape in parse_shapes(args.shapes):
             for r in args.rank:
                 for mode in MODES:
