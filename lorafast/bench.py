@@ -594,82 +594,105 @@ def _predicted(config: BenchConfig, shape: Shape, rank: int, p: Optional[float],
     return {"lorafast": ms["lorafast"], "peft": ms["peft"], "reference": ms["peft"], "base": ms["base"]}
 
 
-def run_benchmark(config: BenchConfig) -> Dict[str, object]:
-    """Check, measure and time every configuration; returns the JSON-ready report
-    (``environment``, ``results`` — a list of :class:`Result` dicts — and ``failures``)."""
+def _describe_exception(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
+def _measure_group(
+    config: BenchConfig,
+    inputs: LoRAInputs,
+    shape: Shape,
+    rank: int,
+    p: Optional[float],
+    mode: str,
+    impl_names: Sequence[str],
+    failures: List[str],
+) -> List[Result]:
+    """Check, then time, every implementation in one configuration and mode.
+
+    An implementation that raises (a kernel that fails to compile on this GPU, say) is reported in
+    ``failures`` with no timing, and the others still run."""
+    dropout_p = p if p is not None else 0.0
+    label = f"{shape.name} r={rank} {mode}" + (f" p={p:g}" if p is not None else "")
+    impls = build_implementations(inputs, dropout_p, config.backend, impl_names)
+    errors: Dict[str, Dict[str, float]] = {}
+    for name in list(impls):
+        try:
+            errors[name] = check_implementation(name, inputs, dropout_p, mode, config.backend, config.seed)
+        except Exception as exc:  # one broken implementation must not hide the others' numbers
+            failures.append(f"{name} {label}: raised {_describe_exception(exc)}")
+            del impls[name]
+    reference_errors = errors.get("reference")
+    if mode == "fwd":
+        calls = {n: inference_call(impl, inputs.x) for n, impl in impls.items()}
+    else:
+        calls = {n: training_call(impl, inputs.x, inputs.dy) for n, impl in impls.items()}
+
+    if config.device.type == "cuda":
+        use_graph = config.cuda_graphs and shape.M * shape.K * shape.N <= config.graph_max_mnk
+        timings = {n: time_gpu(call, config.quick, use_graph) for n, call in calls.items()}
+    else:
+        min_reps, max_reps = (3, 20) if config.quick else (7, 200)
+        budget = config.cpu_budget_s if config.cpu_budget_s is not None else (1.0 if config.quick else 4.0)
+        timings = time_cpu_round_robin(calls, min_reps, max_reps, budget, warmup=1 if config.quick else 2)
+
+    predicted = _predicted(config, shape, rank, p, mode)
+    results = []
+    for name, impl in impls.items():
+        t = timings[name]
+        ok = passes(errors[name], reference_errors if name != "reference" else None, config.dtype)
+        if not ok:
+            failures.append(
+                f"{name} {label}: errors {_format_errors(errors[name])} above {TOLERANCE[config.dtype]:g} "
+                f"+ 2 × reference's ({_format_errors(reference_errors or {})})"
+            )
+        result = Result(
+            shape=shape.name, M=shape.M, K=shape.K, N=shape.N, rank=rank, dropout=p, mode=mode, impl=name,
+            median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps, timer=t.timer,
+            errors=errors[name], correct=ok, predicted_ms=predicted.get(name),
+        )  # fmt: skip
+        if mode == "fwd+bwd":
+            result.saved_bytes, result.saved_extra_bytes = saved_bytes(impl, inputs)
+        if config.device.type == "cuda":
+            result.peak_bytes = gpu_peak_bytes(calls[name])
+        results.append(result)
+    return results
+
+
+def run_benchmark(
+    config: BenchConfig, on_group_done: Optional[Callable[[Dict[str, object]], None]] = None
+) -> Dict[str, object]:
+    """Check, measure and time every configuration; returns the JSON-ready report: ``environment``,
+    ``results`` (a list of :class:`Result` dicts), ``failures`` and ``complete``.
+
+    ``on_group_done(partial_report)`` runs after each configuration (the CLI saves it, so a run cut
+    short by a time limit still leaves its numbers)."""
     from tqdm.auto import tqdm
 
     impl_names = [n for n in config.implementations if n != "peft" or peft_available()]
     if "peft" in config.implementations and "peft" not in impl_names:
         print("lorafast bench: peft is not installed; skipping the PEFT baseline", file=sys.stderr)
-    results: List[Result] = []
-    failures: List[str] = []
-    on_gpu = config.device.type == "cuda"
-    budget = config.cpu_budget_s if config.cpu_budget_s is not None else (1.0 if config.quick else 4.0)
+    report: Dict[str, object] = {"environment": environment(config), "results": [], "failures": [], "complete": False}
     groups = _groups(config)
     bar = tqdm(total=len(groups), desc="lorafast bench", disable=not config.progress, file=sys.stderr)
     current: Tuple[Optional[Shape], Optional[int]] = (None, None)
     inputs: Optional[LoRAInputs] = None
     for shape, rank, p, mode in groups:
-        bar.set_postfix_str(f"{shape.name} r={rank} {mode}" + (f" p={p}" if p is not None else ""))
+        bar.set_postfix_str(f"{shape.name} r={rank} {mode}" + (f" p={p:g}" if p is not None else ""))
         if current != (shape, rank):
-            inputs = None
-            if on_gpu:
+            inputs = None  # free the previous shape's tensors before allocating the next
+            if config.device.type == "cuda":
                 torch.cuda.empty_cache()
             inputs = make_inputs(shape, rank, config.dtype, config.device, config.seed)
             current = (shape, rank)
-        dropout_p = p if p is not None else 0.0
-        impls = build_implementations(inputs, dropout_p, config.backend, impl_names)
-
-        errors = {n: check_implementation(n, inputs, dropout_p, mode, config.backend, config.seed) for n in impls}
-        reference_errors = errors.get("reference")
-        if mode == "fwd":
-            calls = {n: inference_call(impl, inputs.x) for n, impl in impls.items()}
-        else:
-            calls = {n: training_call(impl, inputs.x, inputs.dy) for n, impl in impls.items()}
-
-        if on_gpu:
-            use_graph = config.cuda_graphs and shape.M * shape.K * shape.N <= config.graph_max_mnk
-            timings = {n: time_gpu(call, config.quick, use_graph) for n, call in calls.items()}
-        else:
-            min_reps, max_reps = (3, 20) if config.quick else (7, 200)
-            timings = time_cpu_round_robin(calls, min_reps, max_reps, budget, warmup=1 if config.quick else 2)
-
-        predicted = _predicted(config, shape, rank, p, mode)
-        for name, impl in impls.items():
-            t = timings[name]
-            ok = passes(errors[name], reference_errors if name != "reference" else None, config.dtype)
-            if not ok:
-                failures.append(
-                    f"{name} {shape.name} r={rank} {mode} p={p}: errors {_format_errors(errors[name])} "
-                    f"above {TOLERANCE[config.dtype]:g} + 2 × reference's ({_format_errors(reference_errors or {})})"
-                )
-            result = Result(
-                shape=shape.name,
-                M=shape.M,
-                K=shape.K,
-                N=shape.N,
-                rank=rank,
-                dropout=p,
-                mode=mode,
-                impl=name,
-                median_ms=t.median_ms,
-                p20_ms=t.p20_ms,
-                p80_ms=t.p80_ms,
-                reps=t.reps,
-                timer=t.timer,
-                errors=errors[name],
-                correct=ok,
-                predicted_ms=predicted.get(name),
-            )
-            if mode == "fwd+bwd":
-                result.saved_bytes, result.saved_extra_bytes = saved_bytes(impl, inputs)
-            if on_gpu:
-                result.peak_bytes = gpu_peak_bytes(calls[name])
-            results.append(result)
+        results = _measure_group(config, inputs, shape, rank, p, mode, impl_names, report["failures"])
+        report["results"].extend(asdict(r) for r in results)
+        if on_group_done is not None:
+            on_group_done(report)
         bar.update(1)
     bar.close()
-    return {"environment": environment(config), "results": [asdict(r) for r in results], "failures": failures}
+    report["complete"] = True
+    return report
 
 
 # ----------------------------------------------------------------------------------------------
@@ -747,6 +770,15 @@ def markdown_report(report: Dict[str, object]) -> str:
         f"dtype {env['dtype']} · lorafast backend {env['backend']} → {env['backend_resolved']} · "
         f"timer {', '.join(timer)}",
         "",
+    ]
+    if env["device"] == "cpu":
+        lines += [
+            f"CPU: {env['torch_threads']} torch threads; 1-min load average at start {env['load_average_1min']}.",
+            "",
+        ]
+    if not report.get("complete", True):
+        lines += ["**Partial report: the run was cut short; the rows below are those finished.**", ""]
+    lines += [
         "Medians in ms. speedup vs PEFT = t_PEFT / t_lorafast (> 1: lorafast faster); "
         "×base = t / t_base, the frozen linear alone (the floor, ≥ 1 expected). "
         "fwd = inference (no grad); fwd+bwd = training step with dropout p, grads of x, A, B.",
@@ -898,8 +930,11 @@ def output_stem(report: Dict[str, object]) -> str:
     return f"{slug}-{stamp}"
 
 
-def write_report(report: Dict[str, object], out_dir: str, stem: Optional[str] = None) -> Dict[str, Optional[str]]:
-    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` under ``out_dir``; returns the paths."""
+def write_report(
+    report: Dict[str, object], out_dir: str, stem: Optional[str] = None, plot: bool = True
+) -> Dict[str, Optional[str]]:
+    """Write ``<stem>.json``, ``<stem>.md`` and (with ``plot``) ``<stem>.png`` under ``out_dir``;
+    returns the paths (``png`` None when not drawn)."""
     os.makedirs(out_dir, exist_ok=True)
     stem = stem or output_stem(report)
     paths: Dict[str, Optional[str]] = {
@@ -911,7 +946,7 @@ def write_report(report: Dict[str, object], out_dir: str, stem: Optional[str] = 
         json.dump(payload, f, indent=1, allow_nan=False)
     with open(paths["md"], "w", encoding="utf-8") as f:
         f.write(markdown_report(report))
-    paths["png"] = plot_speedups(report, os.path.join(out_dir, stem + ".png"))
+    paths["png"] = plot_speedups(report, os.path.join(out_dir, stem + ".png")) if plot else None
     return paths
 
 
@@ -1018,10 +1053,17 @@ def run(args: argparse.Namespace) -> int:
                 f"lorafast bench: load average {load:.1f} on {cores} cores; CPU timings will be disturbed",
                 file=sys.stderr,
             )
-    report = run_benchmark(config)
+    stem = args.name
+    on_group_done = None
+    if args.out:
+
+        def on_group_done(partial: Dict[str, object]) -> None:
+            write_report(partial, args.out, stem or output_stem(partial), plot=False)
+
+    report = run_benchmark(config, on_group_done)
     print(markdown_report(report))
     if args.out:
-        paths = write_report(report, args.out, args.name)
+        paths = write_report(report, args.out, stem or output_stem(report))
         print("wrote " + ", ".join(path for path in paths.values() if path))
     if report["failures"]:
         print(f"lorafast bench: {len(report['failures'])} correctness failure(s)", file=sys.stderr)

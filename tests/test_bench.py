@@ -135,3 +135,31 @@ def test_roofline_numbers_by_hand():
     assert roofline.ceilings_for_device_name("NVIDIA A100-SXM4-40GB") is None
     with pytest.raises(ValueError, match="mode"):
         roofline.plans(M, K, N, r, 0.1, "bwd", "bfloat16")
+
+
+def test_check_replays_the_triton_backends_own_mask():
+    # Interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1), real kernels on a GPU: the
+    # Philox mask differs from the torch backend's, and the probe must recover it all the same.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    inputs = bench.make_inputs(TINY, 4, torch.float32, device)
+    errors = bench.check_implementation("lorafast", inputs, 0.3, "fwd+bwd", backend="triton")
+    assert bench.passes(errors, None, torch.float32), errors
+    assert 0.5 < errors["keep"] < 0.9
+
+
+def test_an_implementation_that_raises_is_reported_and_the_others_still_run(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel failed to compile")
+
+    monkeypatch.setattr(bench.lorafast, "lora_linear", broken)
+    config = bench.BenchConfig(
+        shapes=[TINY], ranks=[4], dropouts=[0.1], dtype=torch.float32, device=torch.device("cpu"),
+        quick=True, progress=False, cpu_budget_s=0.01,
+    )  # fmt: skip
+    seen = []
+    report = bench.run_benchmark(config, on_group_done=lambda partial: seen.append(len(partial["results"])))
+    assert report["complete"] and seen == [3, 6]
+    assert {r["impl"] for r in report["results"]} == {"peft", "reference", "base"}
+    assert len(report["failures"]) == 2
+    assert all("lorafast" in f and "RuntimeError: kernel failed to compile" in f for f in report["failures"])
+    assert "Correctness failures" in bench.markdown_report(report)
