@@ -139,11 +139,13 @@ def make_inputs(
     shape: Shape, rank: int, dtype: torch.dtype, device: torch.device, seed: int = 0, bias: bool = True
 ) -> LoRAInputs:
     """Fresh random inputs (never zeros: lora_b is random too, unlike PEFT's init) with unit-scale
-    outputs, drawn from a private generator so the caller's RNG state is left alone."""
-    gen = torch.Generator().manual_seed(seed)
+    outputs, drawn from a private generator so the caller's RNG state is left alone. x and dy are
+    (M, K) and (M, N) 2-D: M stands for the flattened batch × sequence dims."""
+    # Drawn on the device itself: the Llama shapes hold ~10^8 elements, slow to draw on a CPU.
+    gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*size: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*size, generator=gen) * scale).to(device=device, dtype=dtype)
+        return (torch.randn(*size, generator=gen, device=device) * scale).to(dtype)
 
     M, K, N = shape.M, shape.K, shape.N
     return LoRAInputs(
@@ -280,7 +282,8 @@ def _probe_inputs(inputs: LoRAInputs) -> LoRAInputs:
     # With W = 0 and A, B, dY, s > 0: dX = keep ⊙ (dH·A)/(1−p) with dH·A > 0 everywhere, so the
     # nonzeros of dX are exactly the implementation's dropout keep-mask.
     def positive(t: torch.Tensor) -> torch.Tensor:
-        return (torch.rand(t.shape, generator=torch.Generator().manual_seed(1)) + 0.5).to(t)
+        gen = torch.Generator(device=t.device).manual_seed(1)
+        return (torch.rand(t.shape, generator=gen, device=t.device) + 0.5).to(t.dtype)
 
     return replace(
         inputs,
