@@ -586,14 +586,16 @@ def _groups(config: BenchConfig) -> List[Tuple[Shape, int, Optional[float], str]
     return groups
 
 
-def _predicted(config: BenchConfig, shape: Shape, rank: int, p: Optional[float], mode: str) -> Dict[str, float]:
-    if config.device.type != "cuda":
+def predicted_ms(
+    device_name: Optional[str], dtype: torch.dtype, shape: Shape, rank: int, p: Optional[float], mode: str
+) -> Dict[str, float]:
+    """Roofline milliseconds per implementation on a modelled GPU (``{}`` for a CPU or another GPU).
+
+    The reference runs PEFT's op sequence, so it gets PEFT's prediction."""
+    ceilings = roofline.ceilings_for_device_name(device_name) if device_name else None
+    if ceilings is None or dtype_name(dtype) not in ceilings.matmul_flops:
         return {}
-    ceilings = roofline.ceilings_for_device_name(torch.cuda.get_device_name(config.device))
-    if ceilings is None or dtype_name(config.dtype) not in ceilings.matmul_flops:
-        return {}
-    pred = roofline.predict(shape.M, shape.K, shape.N, rank, p or 0.0, mode, dtype_name(config.dtype), ceilings)
-    ms = pred["ms"]
+    ms = roofline.predict(shape.M, shape.K, shape.N, rank, p or 0.0, mode, dtype_name(dtype), ceilings)["ms"]
     return {"lorafast": ms["lorafast"], "peft": ms["peft"], "reference": ms["peft"], "base": ms["base"]}
 
 
@@ -639,7 +641,8 @@ def _measure_group(
         budget = config.cpu_budget_s if config.cpu_budget_s is not None else (1.0 if config.quick else 4.0)
         timings = time_cpu_round_robin(calls, min_reps, max_reps, budget, warmup=1 if config.quick else 2)
 
-    predicted = _predicted(config, shape, rank, p, mode)
+    gpu_name = torch.cuda.get_device_name(config.device) if config.device.type == "cuda" else None
+    predicted = predicted_ms(gpu_name, config.dtype, shape, rank, p, mode)
     results = []
     for name, impl in impls.items():
         t = timings[name]

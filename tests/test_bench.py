@@ -163,3 +163,31 @@ def test_an_implementation_that_raises_is_reported_and_the_others_still_run(monk
     assert len(report["failures"]) == 2
     assert all("lorafast" in f and "RuntimeError: kernel failed to compile" in f for f in report["failures"])
     assert "Correctness failures" in bench.markdown_report(report)
+
+
+def test_gpu_report_shows_roofline_predictions(tmp_path):
+    # The GPU-only parts of the report (predictions, peak memory), fed by a synthetic result set.
+    shape = bench.SHAPE_PRESETS["llama"][0]
+    pred = bench.predicted_ms("NVIDIA H100 80GB HBM3", torch.bfloat16, shape, 16, 0.1, "fwd+bwd")
+    assert set(pred) == set(bench.IMPLEMENTATIONS) and pred["base"] < pred["lorafast"] < pred["peft"]
+    assert bench.predicted_ms(None, torch.bfloat16, shape, 16, 0.1, "fwd+bwd") == {}
+    measured = {"lorafast": 0.8, "peft": 1.3, "reference": 1.3, "base": 0.7}
+    results = [
+        dict(shape=shape.name, M=shape.M, K=shape.K, N=shape.N, rank=16, dropout=0.1, mode="fwd+bwd", impl=name,
+             median_ms=ms, p20_ms=ms, p80_ms=ms, reps=-1, timer="do_bench", errors={"y": 1e-3}, correct=True,
+             saved_bytes=10**6, saved_extra_bytes=10**5, peak_bytes=10**8, predicted_ms=pred[name])
+        for name, ms in measured.items()
+    ]  # fmt: skip
+    env = {
+        "device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "torch": "t", "triton": "t", "peft": "p",
+        "date": "2026-11-23T14:00:00+00:00", "dtype": "bfloat16", "backend": "auto", "backend_resolved": "triton",
+    }  # fmt: skip
+    report = {"environment": env, "results": results, "failures": [], "complete": True}
+    (row,) = bench.summary_rows(report)
+    assert row["speedup_vs_peft"] == pytest.approx(1.3 / 0.8)
+    assert row["predicted_speedup_vs_peft"] == pytest.approx(pred["peft"] / pred["lorafast"])
+    markdown = bench.markdown_report(report)
+    assert "pred. speedup" in markdown and "100.00" in markdown  # peak MB column
+    paths = bench.write_report(report, str(tmp_path))
+    assert paths["json"].endswith("nvidia-h100-80gb-hbm3-2026-11-23-1400.json")
+    assert _strict_json(paths["json"])["summary"][0]["predicted_lorafast_vs_base"] > 1.0
