@@ -233,7 +233,7 @@ def build_implementations(
                 return _layer(x)
 
             params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
-            impls[name] = Implementation(name, forward, params, [p for p in layer.parameters()])
+            impls[name] = Implementation(name, forward, params, list(layer.parameters()))
         else:
             raise ValueError(f"unknown implementation {name!r}; expected one of {IMPLEMENTATIONS}")
     return impls
