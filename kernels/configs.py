@@ -64,7 +64,7 @@ def device_arch(device) -> int:
     return major * 10 + minor
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _autotuned(fn, kind: str, arch: int, key: Sequence[str], reset_to_zero: Sequence[str]):
     return triton.autotune(
         configs=configs(kind, arch), key=list(key), reset_to_zero=list(reset_to_zero) or None

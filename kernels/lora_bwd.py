@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lorafast.kernels import alloc
 from lorafast.kernels.configs import GEMM, SKINNY, interpreting, launch, m_bucket, rank_block
 from lorafast.kernels.dropout import dropout_keep
 from lorafast.kernels.dtypes import dot_precision
@@ -180,7 +181,7 @@ def lora_grad_h(
     """
     M, N = grad_y.shape
     R = lora_b.shape[1]
-    dh = torch.empty((M, R), dtype=torch.float32, device=grad_y.device)
+    dh = alloc.empty((M, R), torch.float32, grad_y.device)
     db_lora = torch.zeros((N, R), dtype=torch.float32, device=grad_y.device) if need_db_lora else None
     dbias = torch.zeros((N,), dtype=torch.float32, device=grad_y.device) if need_dbias else None
     launch(
@@ -215,7 +216,7 @@ def dx_with_lora_epilogue(
     M, N = grad_y.shape
     K = weight.shape[1]
     R = lora_a.shape[0]
-    dx = torch.empty((M, K), dtype=grad_y.dtype, device=grad_y.device)
+    dx = alloc.empty((M, K), grad_y.dtype, grad_y.device)
     has_dropout = dropout_p > 0.0
     launch(
         dx_with_lora_epilogue_kernel, GEMM, grad_y.device,
@@ -245,7 +246,10 @@ def lora_grad_a(x: torch.Tensor, dh: torch.Tensor, seed: Optional[torch.Tensor],
     M, K = x.shape
     R = dh.shape[1]
     split = _split_m(M, K)
-    da = (torch.zeros if split > 1 else torch.empty)((R, K), dtype=torch.float32, device=x.device)
+    if split > 1:  # programs accumulate into it
+        da = torch.zeros((R, K), dtype=torch.float32, device=x.device)
+    else:
+        da = alloc.empty((R, K), torch.float32, x.device)
     has_dropout = dropout_p > 0.0
     launch(
         lora_grad_a_kernel, SKINNY, x.device,

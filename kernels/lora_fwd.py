@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lorafast.kernels import alloc
 from lorafast.kernels.configs import GEMM, SKINNY, launch, m_bucket, rank_block
 from lorafast.kernels.dropout import dropout_keep
 from lorafast.kernels.dtypes import dot_precision
@@ -126,7 +127,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: Optional[torch.Tens
     """
     M, K = x.shape
     R = lora_a.shape[0]
-    h = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    h = alloc.empty((M, R), torch.float32, x.device)
     has_dropout = dropout_p > 0.0
     launch(
         lora_shrink_kernel, SKINNY, x.device,
@@ -158,7 +159,7 @@ def lora_expand_gemm(
     M, K = x.shape
     N = weight.shape[0]
     R = h.shape[1]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    y = alloc.empty((M, N), x.dtype, x.device)
     launch(
         lora_expand_gemm_kernel, GEMM, x.device,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),

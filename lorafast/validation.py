@@ -66,7 +66,8 @@ def check_lora_linear_args(
     if isinstance(scaling, torch.Tensor):
         if scaling.numel() != 1 or not scaling.is_floating_point():
             raise ValueError(
-                f"lora_linear: scaling tensor must be a 0-dim (or 1-element) float tensor, got {_describe('scaling', scaling)}"
+                "lora_linear: scaling tensor must be a 0-dim (or 1-element) float tensor, got "
+                f"{_describe('scaling', scaling)}"
             )
     elif not isinstance(scaling, (int, float)):
         raise TypeError(f"lora_linear: scaling must be a float or a 0-dim tensor, got {type(scaling).__name__}")

@@ -1,0 +1,39 @@
+"""Test setup: Triton's CPU interpreter when there is no GPU, the bf16 dot shim, seeds, markers.
+
+TRITON_INTERPRET must be set before triton is first imported; torch does not import triton at
+import time, so checking CUDA first is safe (asserted below).
+"""
+
+import os
+import sys
+
+import torch
+
+assert "triton" not in sys.modules, "triton was imported before tests/conftest.py could configure it"
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+try:  # TEMP until the shim lands
+    from support.interpreter_shim import install_bf16_dot_shim  # noqa: E402
+
+    install_bf16_dot_shim()
+except ImportError:
+    pass
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
