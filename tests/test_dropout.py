@@ -16,7 +16,7 @@ P = 0.25
 def replay_mask(backend, seed, M, K, p):
     if backend == "triton":
         return dropout_keep_mask(seed, M, K, p)
-    return torch_backend.dropout_keep_mask(seed, M, K, p, seed.device)
+    return torch_backend.dropout_keep_mask(seed, M, K, p, seed.device).bool()
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
