@@ -1,0 +1,348 @@
+"""PEFT drop-in: run PEFT's LoRA ``Linear`` layers through :func:`lorafast.lora_linear`.
+
+``patch(model)`` changes the class of every plain ``peft.tuners.lora.layer.Linear`` in place to
+:class:`FusedLoraLinear`, a subclass that overrides only ``forward``. Parameters, buffers, submodules,
+state_dict keys, saved adapter files and merge/unload behaviour are PEFT's own; ``unpatch`` restores
+the class. Whatever the fused op does not cover falls back to PEFT's ``forward`` (``super().forward``),
+so results always match PEFT:
+
+Fused (one ``lora_linear`` call): one or several active vanilla-LoRA adapters (several are concatenated
+along r with each adapter's scale folded into its B slice), rsLoRA, scaling as float or 0-dim tensor
+(hotswap), ``lora_dropout`` (p read from the adapter's ``nn.Dropout``), bias "none"/"all"/"lora_only"
+(the base bias gets its gradient from the op), ``lora_bias`` (``s·b_B`` folded into the op's bias
+vector, N-sized, no extra M×N pass), fp32 adapters on a bf16/fp16 base, ``torch.autocast``.
+
+Falls back to PEFT, quietly (PEFT's forward is already just the base layer, or is per-sample):
+adapters disabled, adapters merged, ``adapter_names`` mixed batches, no active adapter on the layer.
+
+Falls back to PEFT with a one-time warning per reason (and one INFO log line per layer and reason):
+LoRA variants (DoRA, aLoRA, Arrow, VeLoRA, ...), base layer not exactly ``nn.Linear`` (quantized,
+Conv1D / fan_in_fan_out, nested tuners), hooks on the base/LoRA/dropout modules or global module hooks
+(DeepSpeed ZeRO-3, accelerate offload, activation capture), extra forward arguments, float64 under
+autocast, mismatched dtypes/devices, a non-``nn.Dropout`` dropout module, several active adapters
+with dropout active (PEFT draws an independent mask per adapter) or with different adapter dtypes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import warnings
+from typing import Any, NamedTuple, Optional, Union
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora.layer import VARIANT_KWARG_KEYS, LoraLayer, dispatch_default
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from torch.nn.modules import module as _torch_module
+
+from lorafast.functional import lora_linear
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "triton", "torch")
+# Autocast casts these (not float64) to its dtype for linear layers.
+_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Plain attributes (not parameters/buffers/submodules, so PEFT never sees them as adapter state).
+_BACKEND_ATTR = "_lorafast_backend"
+_NAME_ATTR = "_lorafast_name"
+# Module states where PEFT's forward is already only the base layer (or per-sample): not worth a warning.
+_QUIET_REASONS = frozenset(
+    {"adapters disabled", "adapters merged", "adapter_names mixed batch", "no active adapter on this layer"}
+)
+_warned_reasons: set[str] = set()
+_logged_layer_reasons: set[tuple[str, str]] = set()
+
+
+class _Fallback(NamedTuple):
+    reason: str  # a fixed category: warned once per process
+    detail: str = ""  # layer-specific specifics for the log line
+
+
+class _FusedCall(NamedTuple):
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: Union[float, torch.Tensor]
+    dropout_p: float
+    autocast_device: Optional[str]  # device type whose autocast must be off inside the op
+
+
+class FusedLoraLinear(PeftLoraLinear):
+    """PEFT ``lora.Linear`` whose forward runs :func:`lorafast.lora_linear` when it can.
+
+    Never constructed directly: :func:`patch` (or the :func:`register` dispatcher) sets a PEFT layer's
+    ``__class__`` to this. Shapes as PEFT: x (..., in_features) → (..., out_features), output in the
+    base layer's result dtype (x's dtype, or the autocast dtype under ``torch.autocast``).
+    """
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        call = self._fused_call(x, args, kwargs)
+        if isinstance(call, _Fallback):
+            _report_fallback(self, call)
+            return super().forward(x, *args, **kwargs)
+        autocast_off = (
+            torch.autocast(call.autocast_device, enabled=False)
+            if call.autocast_device is not None
+            else contextlib.nullcontext()
+        )
+        with autocast_off:
+            return lora_linear(
+                call.x,
+                call.weight,
+                call.bias,
+                call.lora_a,
+                call.lora_b,
+                call.scaling,
+                dropout_p=call.dropout_p,
+                training=call.dropout_p > 0.0,
+                backend=getattr(self, _BACKEND_ATTR, "auto"),
+            )
+
+    def _fused_call(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Union[_Fallback, _FusedCall]:
+        """The fused op's arguments, equivalent to PEFT's forward on this input, or why there are none."""
+        if self.disable_adapters:
+            return _Fallback("adapters disabled")
+        if kwargs.get("adapter_names") is not None:
+            return _Fallback("adapter_names mixed batch")
+        if self.merged:
+            return _Fallback("adapters merged")
+        active = [name for name in self.active_adapters if name in self.lora_A]
+        if not active:
+            return _Fallback("no active adapter on this layer")
+        variants = [name for name in active if name in self.lora_variant]
+        if variants:
+            variant = f"{type(self.lora_variant[variants[0]]).__name__} on {variants[0]!r}"
+            return _Fallback("LoRA variant (DoRA, aLoRA, ...)", variant)
+        extra_kwargs = set(kwargs) - {"adapter_names", *VARIANT_KWARG_KEYS}
+        if args or extra_kwargs:
+            extra = f"{len(args)} positional, keywords {sorted(extra_kwargs)}"
+            return _Fallback("extra forward arguments", extra)
+
+        base = self.base_layer
+        if type(base) is not nn.Linear:
+            return _Fallback("base layer is not a plain nn.Linear", type(base).__name__)
+        if self.fan_in_fan_out:
+            return _Fallback("fan_in_fan_out")
+        adapter_modules = [m for name in active for m in (self.lora_A[name], self.lora_B[name])]
+        if any(type(m) is not nn.Linear for m in adapter_modules):
+            return _Fallback("lora_A/lora_B is not a plain nn.Linear")
+        dropouts = [self.lora_dropout[name] for name in active]
+        if any(type(d) not in (nn.Dropout, nn.Identity) for d in dropouts):
+            return _Fallback("dropout module is not nn.Dropout/nn.Identity")
+        if _has_global_hooks() or any(_has_hooks(m) for m in (base, *adapter_modules, *dropouts)):
+            return _Fallback("module hooks or a replaced forward")
+
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        weight, bias = base.weight, base.bias
+        if not x.is_floating_point():
+            return _Fallback("input is not floating point", f"{x.dtype}")
+        if autocast and (x.dtype not in _AUTOCAST_DTYPES or weight.dtype not in _AUTOCAST_DTYPES):
+            return _Fallback("float64 under autocast", f"x {x.dtype}, weight {weight.dtype}")
+        if x.device != weight.device:
+            return _Fallback("input and base weight on different devices")
+        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+        if not autocast and weight.dtype != x.dtype:
+            return _Fallback("input dtype differs from the base weight dtype", f"{x.dtype} vs {weight.dtype}")
+
+        lora_a = [self.lora_A[name].weight for name in active]
+        lora_b = [self.lora_B[name].weight for name in active]
+        lora_dtype = lora_a[0].dtype
+        if any(t.dtype != lora_dtype for t in (*lora_a, *lora_b)):
+            return _Fallback("adapters differ in dtype")
+        if any(t.device != weight.device for t in (*lora_a, *lora_b)):
+            return _Fallback("adapters and base weight on different devices")
+        if lora_dtype not in (compute_dtype, torch.float32):
+            if not autocast:
+                # PEFT would run the LoRA branch in a narrower dtype than the input; the op only widens.
+                return _Fallback("adapter dtype is neither the input dtype nor float32", f"{lora_dtype}")
+            lora_a = [t.to(compute_dtype) for t in lora_a]
+            lora_b = [t.to(compute_dtype) for t in lora_b]
+        if not autocast and not self.cast_input_dtype_enabled and lora_dtype != x.dtype:
+            return _Fallback("input dtype casting disabled and adapter dtype differs")
+
+        dropout_ps = [d.p if type(d) is nn.Dropout and d.training else 0.0 for d in dropouts]
+        if len(active) > 1 and any(p > 0.0 for p in dropout_ps):
+            return _Fallback("several active adapters with dropout in training")
+        scalings = [self.scaling[name] for name in active]
+        if any(isinstance(s, torch.Tensor) and s.dim() != 0 for s in scalings):
+            return _Fallback("scaling is a tensor that is not 0-dim")
+
+        if autocast:
+            weight = weight.to(compute_dtype)
+            bias = None if bias is None else bias.to(compute_dtype)
+        bias = _fold_lora_bias(bias, [self.lora_B[name].bias for name in active], scalings, compute_dtype)
+        if len(active) == 1:
+            lora_a_cat, lora_b_cat, scaling = lora_a[0], lora_b[0], scalings[0]
+        else:
+            # Sum over adapters of s_i·B_i·A_i = [s_1·B_1 | s_2·B_2 | ...]·[A_1; A_2; ...]: one rank-Σr call.
+            lora_a_cat = torch.cat(lora_a, dim=0)
+            lora_b_cat = torch.cat([b * s for b, s in zip(lora_b, scalings)], dim=1)
+            scaling = 1.0
+        return _FusedCall(
+            x=x.to(compute_dtype),
+            weight=weight,
+            bias=bias,
+            lora_a=lora_a_cat,
+            lora_b=lora_b_cat,
+            scaling=scaling,
+            dropout_p=dropout_ps[0],
+            autocast_device=device_type if autocast else None,
+        )
+
+
+def _fold_lora_bias(
+    base_bias: Optional[torch.Tensor],
+    lora_biases: list[Optional[torch.Tensor]],
+    scalings: list[Union[float, torch.Tensor]],
+    dtype: torch.dtype,
+) -> Optional[torch.Tensor]:
+    """Base bias plus Σ s_i·b_Bi (PEFT's ``lora_B`` bias is scaled with the LoRA branch and does not see
+    dropout), as one (N,) vector in ``dtype`` — the same term PEFT's merge adds to the base bias."""
+    terms = [b * s for b, s in zip(lora_biases, scalings) if b is not None]
+    if not terms:
+        return base_bias
+    total = functools.reduce(torch.add, terms)
+    if base_bias is not None:
+        total = total + base_bias
+    return total.to(dtype)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or "forward" in module.__dict__
+    )
+
+
+def _has_global_hooks() -> bool:
+    return bool(
+        _torch_module._global_forward_hooks
+        or _torch_module._global_forward_pre_hooks
+        or _torch_module._global_backward_hooks
+        or _torch_module._global_backward_pre_hooks
+    )
+
+
+def _report_fallback(layer: nn.Module, fallback: _Fallback) -> None:
+    name = getattr(layer, _NAME_ATTR, None) or f"<{type(layer).__name__} at {id(layer):#x}>"
+    key = (name, fallback.reason)
+    if key in _logged_layer_reasons:
+        return
+    _logged_layer_reasons.add(key)
+    detail = f" ({fallback.detail})" if fallback.detail else ""
+    if fallback.reason in _QUIET_REASONS:
+        logger.debug("lorafast: %s runs PEFT's forward: %s%s", name, fallback.reason, detail)
+        return
+    logger.info("lorafast: %s falls back to PEFT's forward: %s%s", name, fallback.reason, detail)
+    if fallback.reason not in _warned_reasons:
+        _warned_reasons.add(fallback.reason)
+        warnings.warn(
+            f"lorafast: {name} falls back to PEFT's (unfused) forward: {fallback.reason}{detail}. "
+            "Other layers falling back for this reason are logged at INFO level by 'lorafast.peft'.",
+            stacklevel=3,
+        )
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"lorafast.peft: backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _swap_in(layer: PeftLoraLinear, backend: str, name: Optional[str]) -> None:
+    layer.__class__ = FusedLoraLinear
+    setattr(layer, _BACKEND_ATTR, backend)
+    setattr(layer, _NAME_ATTR, name)
+
+
+def patch(model: nn.Module, backend: str = "auto") -> int:
+    """Make every plain PEFT ``lora.Linear`` in ``model`` run the fused op; changes nothing else.
+
+    Swaps the layers' class in place (no new parameters, buffers or submodules; state_dict keys and
+    saved adapters are unchanged). Idempotent: already-patched layers are skipped, but take the new
+    ``backend``. Call again after ``add_adapter``/``load_adapter`` targets new layers.
+
+    Args:
+        model: a ``PeftModel`` or any module containing PEFT LoRA layers.
+        backend: "auto" | "triton" | "torch", passed to :func:`lorafast.lora_linear`.
+
+    Returns:
+        The number of layers newly patched by this call (0 on a second call).
+    """
+    _check_backend(backend)
+    patched = 0
+    ineligible: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if type(module) is PeftLoraLinear:
+            _swap_in(module, backend, name)
+            patched += 1
+        elif type(module) is FusedLoraLinear:
+            setattr(module, _BACKEND_ATTR, backend)
+        elif isinstance(module, LoraLayer):
+            kind = type(module).__module__ + "." + type(module).__qualname__
+            ineligible[kind] = ineligible.get(kind, 0) + 1
+    if ineligible:
+        kinds = ", ".join(f"{count}× {kind}" for kind, count in sorted(ineligible.items()))
+        warnings.warn(
+            f"lorafast.patch: these LoRA layers are not plain peft lora.Linear and stay on PEFT: {kinds}",
+            stacklevel=2,
+        )
+    return patched
+
+
+def unpatch(model: nn.Module) -> int:
+    """Restore PEFT's own ``lora.Linear`` class on every patched layer of ``model``.
+
+    Returns:
+        The number of layers restored.
+    """
+    restored = 0
+    for module in model.modules():
+        if type(module) is FusedLoraLinear:
+            module.__class__ = PeftLoraLinear
+            for attr in (_BACKEND_ATTR, _NAME_ATTR):
+                module.__dict__.pop(attr, None)
+            restored += 1
+    return restored
+
+
+def register(config: LoraConfig, backend: str = "auto") -> LoraConfig:
+    """Make ``get_peft_model`` / ``PeftModel.from_pretrained(..., config=config)`` build fused layers.
+
+    Registers a dispatcher through PEFT's (experimental) ``LoraConfig._register_custom_module``: layers
+    whose base is exactly ``nn.Linear`` become :class:`FusedLoraLinear`; every other layer (quantized
+    ``nn.Linear`` subclasses, Conv1D, embeddings, ...) goes to PEFT's own dispatchers. The registration
+    lives on this config object only; it is not saved to ``adapter_config.json``.
+
+    Args:
+        config: the ``LoraConfig`` to extend (modified in place).
+        backend: "auto" | "triton" | "torch", passed to :func:`lorafast.lora_linear`.
+
+    Returns:
+        ``config``, for chaining.
+    """
+    _check_backend(backend)
+    config._register_custom_module({nn.Linear: functools.partial(_dispatch_fused_linear, backend=backend)})
+    return config
+
+
+def _dispatch_fused_linear(
+    target: nn.Module, adapter_name: str, config: LoraConfig, *, backend: str, **kwargs: Any
+) -> Optional[nn.Module]:
+    """PEFT custom-module dispatcher; returning None hands the layer to PEFT's next dispatcher."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if type(base) is not nn.Linear:
+        return None
+    layer = dispatch_default(target, adapter_name, config=config, **kwargs)
+    if type(layer) is PeftLoraLinear:
+        _swap_in(layer, backend, kwargs.get("target_name"))
+    return layer
