@@ -90,7 +90,7 @@ class LoRALinear(nn.Module):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         backend: str = "auto",
-    ) -> "LoRALinear":
+    ) -> LoRALinear:
         """Wrap an existing ``nn.Linear``: its weight and bias are shared (same Parameter objects),
         frozen, and the LoRA factors are created on its device and dtype."""
         layer = cls(

@@ -15,12 +15,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-try:  # TEMP until the shim lands
-    from support.interpreter_shim import install_bf16_dot_shim  # noqa: E402
+from support.interpreter_shim import install_bf16_dot_shim  # noqa: E402
 
-    install_bf16_dot_shim()
-except ImportError:
-    pass
+install_bf16_dot_shim()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
