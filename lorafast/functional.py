@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -69,6 +69,25 @@ def _scaling_tensor(scaling: Union[float, torch.Tensor], device: torch.device) -
     return torch.full((), float(scaling), dtype=torch.float32, device=device)
 
 
+def _autocast_inputs(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """nn.Linear's rule under ``torch.autocast`` on x's device: x, weight and bias (except float64) are cast to
+    the autocast dtype, so the output has that dtype. The adapters keep their dtype — the op casts them to
+    x's dtype tile by tile, which is what PEFT's autocast lora_A/lora_B linears compute — so their
+    gradients come back in their own dtype (fp32 for PEFT's upcast adapters)."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible else t
+
+    return cast(x), cast(weight), cast(bias)
+
+
 def _dropout_seed(device: torch.device) -> torch.Tensor:
     # Drawn from the default generator of x's device, so torch.manual_seed makes a call reproducible.
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
@@ -100,9 +119,14 @@ def lora_linear(
         backend: "auto" (triton on CUDA, torch on CPU), "triton" (CPU only under TRITON_INTERPRET=1)
             or "torch".
 
+    Under ``torch.autocast`` x, weight and bias are first cast to the autocast dtype as ``nn.Linear`` does
+    (float64 excepted); the adapters keep their dtype.
+
     Returns:
-        (..., N) tensor in x's dtype.
+        (..., N) tensor in x's dtype (the autocast dtype under autocast).
     """
+    if isinstance(x, torch.Tensor):
+        x, weight, bias = _autocast_inputs(x, weight, bias)
     check_lora_linear_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p, backend)
     p = float(dropout_p) if training else 0.0
     lead, K = x.shape[:-1], x.shape[-1]
@@ -112,4 +136,6 @@ def lora_linear(
     chosen = resolve_backend(backend, x, lora_a)
     seed = _dropout_seed(x.device) if p > 0.0 else torch.zeros((1,), dtype=torch.int64, device=x.device)
     y, _ = ops.lora_linear_fwd(x2, weight, bias, lora_a, lora_b, _scaling_tensor(scaling, x.device), seed, p, chosen)
-    return y.reshape(*lead, weight.shape[0])
+    # Not y.reshape: like nn.Linear (matmul's _unsafe_view), the result is not a view, so in-place ops on it
+    # keep FSDP2's pre-backward hook (fully_shard warns about view outputs). Safe: the op's y has no other user.
+    return torch.ops.aten._unsafe_view(y, (*lead, weight.shape[0]))
