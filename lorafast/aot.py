@@ -3,7 +3,7 @@
 Usage::
 
     python -m lorafast.aot --arch 80 --arch 90 [--json gate.json] [--jobs 2]
-           [--entries lorafast.kernels.registry:aot_entries]
+           [--entries lorafast.kernels.registry:aot_entries] [--kernel NAME] [--dtype bf16]
 
 For every entry of the kernel registry (``aot_entries(arch)``) and every autotune config it lists,
 the kernel is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
@@ -269,12 +269,19 @@ def _compile_job(spec: str, arch: int, entry_index: int, config_index: int) -> G
     return compile_entry_config(entry, entry.configs[config_index])
 
 
-def run_gate(arches: Sequence[int], entries_spec: str = DEFAULT_ENTRIES, jobs: int = 2) -> List[GateRow]:
-    """Compile every (entry, config) for every arch; rows come back in registry order."""
+def run_gate(arches: Sequence[int], entries_spec: str = DEFAULT_ENTRIES, jobs: int = 2,
+             name_filter: str = "", dtypes: Sequence[str] = ()) -> List[GateRow]:
+    """Compile every (entry, config) for every arch; rows come back in registry order.
+
+    ``name_filter`` (a substring of the entry name) and ``dtypes`` narrow the run, for iterating on
+    one kernel; the gate proper runs everything.
+    """
     _quiet_triton_warnings()
     work = []
     for arch in arches:
         for entry_index, entry in enumerate(load_entries(entries_spec, arch)):
+            if name_filter not in entry.name or (dtypes and entry.dtype not in dtypes):
+                continue
             if entry.arch != arch:
                 raise ValueError(f"aot_entries({arch}) returned {entry.name} for arch {entry.arch}")
             if not entry.configs:
@@ -324,6 +331,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         metavar="SPEC")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="compile processes (default: %(default)s)")
+    parser.add_argument("--kernel", default="", help="only entries whose name contains this")
+    parser.add_argument("--dtype", action="append", default=[], help="only this dtype (repeatable)")
     args = parser.parse_args(argv)
     arches = args.arch or [80, 90]
 
@@ -336,7 +345,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import triton
 
     start = time.perf_counter()
-    rows = run_gate(arches, args.entries, args.jobs)
+    rows = run_gate(arches, args.entries, args.jobs, args.kernel, args.dtype)
+    if not rows:
+        print("no entries matched", file=sys.stderr)
+        return 1
     wall = time.perf_counter() - start
     failed = [r for r in rows if r.problems]
     print(format_table(rows))
