@@ -42,7 +42,7 @@ def test_gate_passes_clean_toy_kernels_and_flags_every_defect(tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 1, log
     rows = report["rows"]
-    assert len(rows) == 2 * 9, log
+    assert len(rows) == 2 * 7, log
     expected_problem = {
         "defect_spill": "spills",
         "defect_smem": "shared memory",

@@ -101,7 +101,6 @@ def aot_entries(arch: int) -> List[ToyAotEntry]:
     good = [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 4, 3)]
     return [
         _matmul("toy_matmul", "bf16", "ieee", good, True, arch),
-        _matmul("toy_matmul", "fp16", "ieee", good, True, arch),
         ToyAotEntry(
             name="toy_scale_add", fn=toy_scale_add_kernel,
             signature={"x_ptr": "*bf16", "y_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "alpha": "fp32"},
