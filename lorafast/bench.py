@@ -656,7 +656,7 @@ def _measure_group(
         timings = {n: time_gpu(call, config.quick, use_graph) for n, call in calls.items()}
     else:
         min_reps, max_reps = (3, 20) if config.quick else (7, 200)
-        budget = config.cpu_budget_s if config.cpu_budget_s is not None else (1.0 if config.quick else 4.0)
+        budget = config.cpu_budget_s if config.cpu_budget_s is not None else (0.5 if config.quick else 4.0)
         timings = time_cpu_round_robin(calls, min_reps, max_reps, budget, warmup=1 if config.quick else 2)
 
     gpu_name = torch.cuda.get_device_name(config.device) if config.device.type == "cuda" else None
@@ -1020,7 +1020,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="on CUDA, time small shapes (M·K·N ≤ 2^33) by CUDA-graph replay",
     )
     parser.add_argument(
-        "--cpu-budget", type=float, default=None, help="CPU: seconds of timing per configuration (default 4, quick 1)"
+        "--cpu-budget", type=float, default=None, help="CPU: seconds of timing per configuration (default 4, quick 0.5)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--seed", type=int, default=0)
