@@ -116,6 +116,7 @@ def test_lora_linear_module_under_autocast(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_under_autocast_matches_eager(backend):
     """torch.compile(fullgraph) of a LoRALinear MLP called under fp16 autocast: same dtype and numbers."""
+    torch._dynamo.reset()  # fresh caches: earlier tests compiled the same forward code
     model = lora_mlp(backend, dropout=0.0).to(DEVICE)
     compiled = torch.compile(copy.deepcopy(model), fullgraph=True, backend="aot_eager")
     x = torch.randn(3, 5, 24, device=DEVICE)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import DEVICE
 from support.composability import (
+    REPEAT_RTOL,
     assert_same_tensors,
     bert_batch,
     count_fused_calls,
@@ -35,7 +36,9 @@ def mlp_grads(model, x, **checkpoint_kwargs):
     torch.manual_seed(7)
     y = checkpoint(model, x, **checkpoint_kwargs) if checkpoint_kwargs else model(x)
     y.square().mean().backward()
-    return {**trainable_grads(model), "x": x.grad}
+    # torch.compile prefixes names with _orig_mod and a wrapper adds its own: compare by the MLP's names.
+    grads = {name.split("inner.")[-1]: grad for name, grad in trainable_grads(model).items()}
+    return {**grads, "x": x.grad}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -45,9 +48,9 @@ def test_checkpointed_lora_mlp_grads_equal_plain(backend, use_reentrant):
     x = torch.randn(3, 5, 24, device=DEVICE)
     plain = mlp_grads(model, x)
     checkpointed = mlp_grads(model, x, use_reentrant=use_reentrant)
-    # Same kernels on the same inputs and seed: identical up to nothing; 1e-6 leaves room for none of a mask
-    # change (which moves the LoRA grads by O(1), see the control below).
-    assert_same_tensors(checkpointed, plain, rtol=1e-6, what=f"{backend} checkpointed")
+    # Same kernels, inputs and seed: bitwise on CPU (REPEAT_RTOL); a different mask moves the LoRA
+    # gradients by O(1e-1) (see the control below).
+    assert_same_tensors(checkpointed, plain, rtol=REPEAT_RTOL, what=f"{backend} checkpointed")
 
 
 def test_control_without_rng_preservation_grads_differ():
@@ -86,4 +89,26 @@ def test_hf_gradient_checkpointing_patched_peft_bert(use_reentrant):
     assert calls_plain == 13
     # 13 in the forward + the 12 encoder layers' recompute (the pooler is not checkpointed).
     assert len(calls) - calls_plain == 13 + 12
-    assert_same_tensors(got, expected, rtol=1e-6, what="HF checkpointed")
+    assert_same_tensors(got, expected, rtol=REPEAT_RTOL, what="HF checkpointed")
+
+
+class CheckpointedMLP(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return checkpoint(self.inner, x, use_reentrant=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_checkpoint_keeps_the_mask(backend):
+    """torch.compile(fullgraph) over a non-reentrant checkpoint: AOTAutograd's partitioner decides what to
+    recompute; the dropout seed is a graph value, so the recompute (if any) must use the forward's mask."""
+    torch._dynamo.reset()  # fresh caches: earlier tests compiled the same forward code
+    model = lora_mlp(backend, dropout=P).to(DEVICE)
+    x = torch.randn(3, 5, 24, device=DEVICE)
+    plain = mlp_grads(model, x)
+    compiled = torch.compile(CheckpointedMLP(copy.deepcopy(model)), fullgraph=True, backend="aot_eager")
+    got = mlp_grads(compiled, x)
+    assert_same_tensors(got, plain, rtol=REPEAT_RTOL, what=f"{backend} compiled + checkpoint")

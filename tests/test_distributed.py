@@ -13,6 +13,8 @@ import torch.multiprocessing as mp
 from support.composability import BERT_LORA_LAYERS, assert_same_tensors
 from support.distributed import free_port, single_process_grads, worker
 
+import lorafast
+
 WORLD = 2
 # Same math, different summation order (per-rank partial sums, then the collective's reduction).
 RTOL = 1e-5
@@ -40,6 +42,15 @@ def test_two_ranks_match_single_process_over_the_whole_batch(gloo_results, singl
         assert results[f"{scenario}_fused_calls"] == BERT_LORA_LAYERS, f"rank {rank}"
         assert_same_tensors(results[scenario], single_process, RTOL, f"{scenario} rank {rank}")
     assert any("lora_A" in name for name in single_process)
+
+
+def test_output_is_not_a_view_like_nn_linear():
+    """FSDP2 registers its pre-backward hook on a fully_shard'ed module's output; an in-place op on a view
+    output would drop it (fully_shard warns). nn.Linear returns no view for (..., K) inputs; neither may we."""
+    layer = lorafast.LoRALinear(16, 12, r=4, backend="torch")
+    for shape in [(5, 16), (2, 3, 16), (16,)]:
+        x = torch.randn(shape)
+        assert not layer(x)._is_view() and not torch.nn.functional.linear(x, layer.weight)._is_view(), shape
 
 
 @pytest.mark.gpu
