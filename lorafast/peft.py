@@ -13,14 +13,16 @@ along r with each adapter's scale folded into its B slice), rsLoRA, scaling as f
 vector, N-sized, no extra M×N pass), fp32 adapters on a bf16/fp16 base, ``torch.autocast``.
 
 Falls back to PEFT, quietly (PEFT's forward is already just the base layer, or is per-sample):
-adapters disabled, adapters merged, ``adapter_names`` mixed batches, no active adapter on the layer.
+adapters disabled, adapters merged, ``adapter_names`` mixed batches, no active adapter on the layer,
+meta-device inputs.
 
 Falls back to PEFT with a one-time warning per reason (and one INFO log line per layer and reason):
 LoRA variants (DoRA, aLoRA, Arrow, VeLoRA, ...), base layer not exactly ``nn.Linear`` (quantized,
 Conv1D / fan_in_fan_out, nested tuners), hooks on the base/LoRA/dropout modules or global module hooks
 (DeepSpeed ZeRO-3, accelerate offload, activation capture), extra forward arguments, float64 under
-autocast, mismatched dtypes/devices, a non-``nn.Dropout`` dropout module, several active adapters
-with dropout active (PEFT draws an independent mask per adapter) or with different adapter dtypes.
+autocast, mismatched dtypes/devices, a non-``nn.Dropout`` dropout module, dropout p = 1, several
+active adapters with dropout active (PEFT draws an independent mask per adapter) or with different
+adapter dtypes, adapters narrower than the input outside autocast (e.g. bf16 adapters on fp32).
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ _BACKEND_ATTR = "_lorafast_backend"
 _NAME_ATTR = "_lorafast_name"
 # Module states where PEFT's forward is already only the base layer (or per-sample): not worth a warning.
 _QUIET_REASONS = frozenset(
-    {"adapters disabled", "adapters merged", "adapter_names mixed batch", "no active adapter on this layer"}
+    {"adapters disabled", "adapters merged", "adapter_names mixed batch", "no active adapter on this layer",
+     "meta tensors"}
 )
 _warned_reasons: set[str] = set()
 _logged_layer_reasons: set[tuple[str, str]] = set()
@@ -139,6 +142,8 @@ class FusedLoraLinear(PeftLoraLinear):
             return _Fallback("module hooks or a replaced forward")
 
         device_type = x.device.type
+        if device_type == "meta":  # shape-only runs; torch has no autocast state for meta
+            return _Fallback("meta tensors")
         autocast = torch.is_autocast_enabled(device_type)
         weight, bias = base.weight, base.bias
         if not x.is_floating_point():
@@ -168,6 +173,8 @@ class FusedLoraLinear(PeftLoraLinear):
             return _Fallback("input dtype casting disabled and adapter dtype differs")
 
         dropout_ps = [d.p if type(d) is nn.Dropout and d.training else 0.0 for d in dropouts]
+        if any(p >= 1.0 for p in dropout_ps):
+            return _Fallback("dropout p = 1 (the LoRA branch is all zeros)")
         if len(active) > 1 and any(p > 0.0 for p in dropout_ps):
             return _Fallback("several active adapters with dropout in training")
         scalings = [self.scaling[name] for name in active]

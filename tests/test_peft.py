@@ -24,6 +24,8 @@ from transformers import (
     BertForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     RobertaConfig,
@@ -120,6 +122,7 @@ def inputs(seed: int = 0, batch: int = 2, seq: int = 7) -> dict:
 def forward_backward(model: nn.Module, batch: dict, **kwargs) -> tuple[torch.Tensor, dict]:
     """Logits and the gradient of a random projection of them for every parameter that gets one."""
     model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # same dropout masks wherever PEFT's own nn.Dropout runs
     logits = model(**batch, **kwargs).logits
     proj = torch.randn(logits.shape, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
     (logits.double() * proj).sum().backward()
@@ -444,8 +447,32 @@ def _mixed_batch():
     return model, {"adapter_names": ["default", "__base__"]}
 
 
+def _two_adapters_with_dropout():
+    model = build("bert", lora_dropout=0.2, task_type=None)
+    model.add_adapter("second", LoraConfig(r=4, lora_dropout=0.1, target_modules=["query", "value"]))
+    randomize_lora(model, 5)
+    model.base_model.set_adapter(["default", "second"])
+    return model, {}
+
+
+def _gpt2_conv1d():
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=32, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=STRONG_INIT)
+    model = get_peft_model(GPT2LMHeadModel(config).double(), LoraConfig(r=4, target_modules=["c_attn"],
+                                                                      fan_in_fan_out=True))
+    randomize_lora(model, 1)
+    return model, {}
+
+
 # case -> (builder, warns: a one-time fallback warning is expected)
-FALLBACKS = {"dora": (_dora, True), "merged": (_merged, False), "mixed_batch": (_mixed_batch, False)}
+FALLBACKS = {
+    "dora": (_dora, True),
+    "merged": (_merged, False),
+    "mixed_batch": (_mixed_batch, False),
+    "two_adapters_with_dropout": (_two_adapters_with_dropout, True),
+    "gpt2_conv1d": (_gpt2_conv1d, True),
+}
 
 
 @pytest.mark.parametrize("case", FALLBACKS)
@@ -561,3 +588,31 @@ def test_register_builds_fused_layers_and_loads(tmp_path, op_calls):
 def test_bad_backend_is_rejected():
     with pytest.raises(ValueError, match="backend"):
         lorafast.patch(build("bert"), backend="cuda")
+
+
+def test_torch_compile_fullgraph(op_calls):
+    """No graph break in the fused forward: dynamo traces the checks and the custom op."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 8))
+    vanilla = get_peft_model(mlp, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], lora_bias=True))
+    randomize_lora(vanilla, 2)
+    fused = patched_copy(vanilla)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 24)
+    expected = forward_backward_plain(vanilla, x)
+    actual = forward_backward_plain(compiled, x)
+    assert op_calls  # traced through lorafast.peft's forward
+    assert_close(actual[0], expected[0], "output")
+    assert actual[1].keys() == expected[1].keys()
+    for name, grad in expected[1].items():
+        assert_close(actual[1][name], grad, f"grad {name}")
+
+
+def forward_backward_plain(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.square().sum().backward()
+    # torch.compile's wrapper prefixes parameter names with "_orig_mod."
+    named = model.named_parameters()
+    grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in named if p.grad is not None}
+    return out.detach(), grads
