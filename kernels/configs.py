@@ -27,30 +27,42 @@ def _cfg(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
     return triton.Config(dict(blocks), num_warps=num_warps, num_stages=num_stages)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); GROUP_M = 8 everywhere for L2 reuse of W.
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); GROUP_M = 8 everywhere for L2 reuse of W. Every row passes
+# the AOT gate (no spills, shared memory within the limit) at rank blocks 16 and 64; rows that spilled
+# at 4 warps (sm_80 128×128×32, sm_90 128×64×64) were moved to 8 warps, sm_90 128×256×64 to 2 stages
+# (3 stages needed 295,936 B of shared memory in the dX kernel). Not yet timed on a GPU.
 _GEMM_TABLE = {
-    90: [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
-    80: [(128, 128, 32, 4, 4), (128, 256, 32, 8, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4)],
+    90: [(128, 128, 64, 8, 3), (128, 256, 64, 8, 2), (64, 128, 64, 4, 4), (128, 64, 64, 8, 4)],
+    80: [(128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4)],
 }
 # Skinny passes stream one big operand; BLOCK_N names the streamed dimension's tile.
 _SKINNY_TABLE = {
-    90: [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4)],
-    80: [(64, 128, 32, 4, 3), (128, 64, 32, 4, 4), (64, 64, 64, 4, 4)],
+    90: [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4)],
+    80: [(64, 128, 32, 8, 3), (128, 64, 32, 8, 4), (64, 64, 64, 4, 4)],
+}
+# fp32 operands are twice as wide (and IEEE dots run on FMA units), so they get smaller tiles.
+_FP32_TABLE = {
+    GEMM: [(64, 128, 32, 8, 2), (32, 64, 32, 4, 2)],
+    SKINNY: [(64, 64, 32, 4, 2), (64, 128, 32, 8, 2), (32, 64, 32, 4, 2)],
 }
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
 
 
-def configs(kind: str, arch: int) -> List[triton.Config]:
+def configs(kind: str, arch: int, fp32: bool = False) -> List[triton.Config]:
     """Configs to run with: the GPU autotune list, or the interpreter's single config."""
     if interpreting():
         return [triton.Config(dict(_INTERPRETER_CONFIG), num_warps=4, num_stages=1)]
-    return gpu_configs(kind, arch)
+    return gpu_configs(kind, arch, fp32)
 
 
-def gpu_configs(kind: str, arch: int) -> List[triton.Config]:
-    """Autotune candidates for a kernel family on compute capability ``arch`` (80, 90, ...)."""
-    table = _GEMM_TABLE if kind == GEMM else _SKINNY_TABLE
-    rows = table[90] if arch >= 90 else table[80]
+def gpu_configs(kind: str, arch: int, fp32: bool = False) -> List[triton.Config]:
+    """Autotune candidates for a kernel family on compute capability ``arch`` (80, 90, ...);
+    ``fp32``: the operands are fp32 (the smaller-tile table)."""
+    if fp32:
+        rows = _FP32_TABLE[kind]
+    else:
+        table = _GEMM_TABLE if kind == GEMM else _SKINNY_TABLE
+        rows = table[90] if arch >= 90 else table[80]
     return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk) for bm, bn, bk, w, s in rows]
 
 
@@ -65,9 +77,9 @@ def device_arch(device) -> int:
 
 
 @functools.cache
-def _autotuned(fn, kind: str, arch: int, key: Sequence[str], reset_to_zero: Sequence[str]):
+def _autotuned(fn, kind: str, arch: int, fp32: bool, key: Sequence[str], reset_to_zero: Sequence[str]):
     return triton.autotune(
-        configs=configs(kind, arch), key=list(key), reset_to_zero=list(reset_to_zero) or None
+        configs=configs(kind, arch, fp32), key=list(key), reset_to_zero=list(reset_to_zero) or None
     )(fn)
 
 
@@ -79,16 +91,19 @@ def launch(
     args: Sequence,
     key: Sequence[str] = ("M_BUCKET", "N", "K"),
     reset_to_zero: Sequence[str] = (),
+    *,
+    fp32: bool = False,
     **constexprs,
 ) -> None:
-    """Launch ``fn`` with the arch's autotuned config (or the interpreter's single config)."""
+    """Launch ``fn`` with the arch's autotuned config (or the interpreter's single config);
+    ``fp32``: the dot operands are fp32 (selects the fp32 config table)."""
     if interpreting():
         cfg = configs(kind, 80)[0]
         fn[lambda meta: grid({**meta, **cfg.kwargs})](
             *args, **constexprs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
         )
         return
-    kernel = _autotuned(fn, kind, device_arch(device), tuple(key), tuple(reset_to_zero))
+    kernel = _autotuned(fn, kind, device_arch(device), fp32, tuple(key), tuple(reset_to_zero))
     kernel[grid](*args, **constexprs)
 
 

@@ -195,6 +195,7 @@ def lora_grad_h(
         reset_to_zero=tuple(name for name, on in (("db_lora_ptr", need_db_lora), ("dbias_ptr", need_dbias)) if on),
         NEED_DB_LORA=need_db_lora, NEED_DBIAS=need_dbias, DOT_PRECISION=dot_precision(grad_y.dtype),
         BLOCK_R=rank_block(R),
+        fp32=grad_y.dtype == torch.float32,
     )
     return dh, db_lora, dbias
 
@@ -226,6 +227,7 @@ def dx_with_lora_epilogue(
          lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
          float(dropout_p), 1.0 / (1.0 - dropout_p)),
         HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(grad_y.dtype), BLOCK_R=rank_block(R), GROUP_M=8,
+        fp32=grad_y.dtype == torch.float32,
     )
     return dx
 
@@ -259,5 +261,6 @@ def lora_grad_a(x: torch.Tensor, dh: torch.Tensor, seed: Optional[torch.Tensor],
         key=("M_BUCKET", "K"),
         reset_to_zero=("da_ptr",) if split > 1 else (),
         HAS_DROPOUT=has_dropout, SPLIT_M=split, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(R),
+        fp32=x.dtype == torch.float32,
     )
     return da

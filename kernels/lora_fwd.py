@@ -137,6 +137,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: Optional[torch.Tens
          float(dropout_p)),
         key=("M_BUCKET", "K"),
         HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(R),
+        fp32=x.dtype == torch.float32,
     )
     return h
 
@@ -167,5 +168,6 @@ def lora_expand_gemm(
          x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
          lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1), float(h_factor)),
         HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(R), GROUP_M=8,
+        fp32=x.dtype == torch.float32,
     )
     return y

@@ -13,8 +13,15 @@ from lorafast.kernels.lora_fwd import lora_expand_gemm_kernel, lora_shrink_kerne
 
 # Each entry's compile uses the widest variant (dropout, bias, dB and db on) since it has the most
 # live registers. Adapters are fp32 for 16-bit activations: PEFT's default upcast, and the cast path.
-AOT_DTYPES = {"bf16": "fp32", "fp16": "fp32", "fp32": "fp32"}
+# fp16 is not listed: its compile matched bf16 in every row (registers, spills, shared memory).
+AOT_DTYPES = {"bf16": "fp32", "fp32": "fp32"}
 AOT_RANK_BLOCKS = (16, 64)
+# Contiguous inputs are what runs: the JIT specialises a stride of 1 to the constant 1 and marks other
+# integers divisible by 16 (":16"); compiling the generic i32 variant instead spilled on most configs
+# because loads could not vectorise. The strided variant is only built at run time for strided inputs.
+UNIT_STRIDES = {
+    "stride_xk", "stride_ak", "stride_wk", "stride_hr", "stride_br", "stride_yn", "stride_dyn", "stride_dxk",
+}
 
 
 @dataclass(frozen=True)
@@ -33,9 +40,22 @@ def _ints(*names: str) -> Dict[str, str]:
     return {n: "i32" for n in names}
 
 
+def _specialise(signature: Dict[str, str]):
+    """(signature, constexprs) as the JIT sees contiguous, 16-aligned problem sizes."""
+    unit = {name: 1 for name in signature if name in UNIT_STRIDES}
+    sig = {
+        name: (kind + ":16" if kind == "i32" and name != "R" else kind)
+        for name, kind in signature.items()
+        if name not in unit
+    }
+    return sig, unit
+
+
 def _entries(arch: int, dtype: str, block_r: int) -> List[AotEntry]:
     adapter = AOT_DTYPES[dtype]
-    precision = "ieee" if dtype == "fp32" else "tf32"
+    fp32 = dtype == "fp32"
+    # fp32 follows torch's default (no TF32): IEEE dots run on FMA units, so no tensor-core check.
+    precision = "ieee" if fp32 else "tf32"
     common = {"DOT_PRECISION": precision, "BLOCK_R": block_r}
     act, ad, f32 = f"*{dtype}", f"*{adapter}", "*fp32"
     shrink = {
@@ -75,18 +95,17 @@ def _entries(arch: int, dtype: str, block_r: int) -> List[AotEntry]:
         ("dx_with_lora_epilogue", dx_with_lora_epilogue_kernel, dx, {"HAS_DROPOUT": True, "GROUP_M": 8}, GEMM),
         ("lora_grad_a", lora_grad_a_kernel, grad_a, {"HAS_DROPOUT": True, "SPLIT_M": 4}, SKINNY),
     ]
-    return [
-        AotEntry(f"{name}[r{block_r}]", fn, sig, {**common, **extra}, gpu_configs(kind, arch), True, arch, dtype)
-        for name, fn, sig, extra, kind in rows
-    ]
+    entries = []
+    for name, fn, signature, extra, kind in rows:
+        sig, unit = _specialise(signature)
+        entries.append(AotEntry(f"{name}[r{block_r}]", fn, sig, {**common, **extra, **unit},
+                                gpu_configs(kind, arch, fp32), not fp32, arch, dtype))
+    return entries
 
 
 def aot_entries(arch: int) -> List[AotEntry]:
     """All (kernel, dtype, rank block) variants for compute capability ``arch`` (80 or 90).
 
-    bf16 is compiled at rank blocks 16 and 64 (r ≤ 16 and the largest benchmarked rank); fp16 and
-    fp32 at 16 only, since their register use differs from bf16 only in the operand width.
+    bf16 and fp32 are compiled at rank blocks 16 and 64 (r ≤ 16 and the largest benchmarked rank).
     """
-    entries = [e for block_r in AOT_RANK_BLOCKS for e in _entries(arch, "bf16", block_r)]
-    entries += _entries(arch, "fp16", 16) + _entries(arch, "fp32", 16)
-    return entries
+    return [e for dtype in AOT_DTYPES for block_r in AOT_RANK_BLOCKS for e in _entries(arch, dtype, block_r)]
