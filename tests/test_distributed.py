@@ -7,6 +7,9 @@ with every LoRA layer on the fused path. The ranks are spawned once per module (
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -58,9 +61,6 @@ def test_fsdp2_and_ddp_on_cuda_triton():
     """The Triton kernels under DDP and FSDP2 over NCCL: two GPUs when present, else a 1-rank group
     (which still runs FSDP2's all-gather/reduce-scatter path, but cannot show cross-rank reduction)."""
     world = min(2, torch.cuda.device_count())
-    import tempfile
-    from pathlib import Path
-
     with tempfile.TemporaryDirectory() as tmp:
         results = run_ranks(Path(tmp), world, "nccl", "triton")
     expected = {k: v.cpu() for k, v in single_process_grads("triton", "cuda:0").items()}
