@@ -14,7 +14,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-
 from support.interpreter_shim import install_bf16_dot_shim  # noqa: E402
 
 install_bf16_dot_shim()
