@@ -61,12 +61,13 @@ def resolve_backend(backend: str, x: torch.Tensor, lora_a: torch.Tensor) -> str:
     return "triton"
 
 
-def _scaling_tensor(scaling: Union[float, torch.Tensor], device: torch.device) -> torch.Tensor:
+def _scaling_tensor(scaling: Union[float, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     # The kernels read s from memory, so a 0-dim tensor scaling (PEFT hotswap) needs no host sync and
-    # changing its value does not recompile under torch.compile.
+    # changing its value does not recompile under torch.compile. fp64 inputs keep an fp64 scale.
+    dtype = torch.promote_types(x.dtype, torch.float32)
     if isinstance(scaling, torch.Tensor):
-        return scaling.detach().reshape(()).to(device=device, dtype=torch.float32)
-    return torch.full((), float(scaling), dtype=torch.float32, device=device)
+        return scaling.detach().reshape(()).to(device=x.device, dtype=dtype)
+    return torch.full((), float(scaling), dtype=dtype, device=x.device)
 
 
 def _autocast_inputs(
@@ -135,7 +136,11 @@ def lora_linear(
         return reference.lora_linear(x, weight, bias, lora_a, lora_b, scaling)
     chosen = resolve_backend(backend, x, lora_a)
     seed = _dropout_seed(x.device) if p > 0.0 else torch.zeros((1,), dtype=torch.int64, device=x.device)
-    y, _ = ops.lora_linear_fwd(x2, weight, bias, lora_a, lora_b, _scaling_tensor(scaling, x.device), seed, p, chosen)
+    args = (x2, weight, bias, lora_a, lora_b, _scaling_tensor(scaling, x), seed, p, chosen)
+    if torch.compiler.is_compiling():
+        y, _ = ops.lora_linear_fwd(*args)
+    else:
+        y, _ = ops.LoraLinearFunction.apply(*args)
     # Not y.reshape: like nn.Linear (matmul's _unsafe_view), the result is not a view, so in-place ops on it
     # keep FSDP2's pre-backward hook (fully_shard warns about view outputs). Safe: the op's y has no other user.
     return torch.ops.aten._unsafe_view(y, (*lead, weight.shape[0]))
