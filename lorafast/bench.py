@@ -502,6 +502,7 @@ class BenchConfig:
     progress: bool = True
     cpu_budget_s: Optional[float] = None
     graph_max_mnk: int = 2**33
+    options: Dict[str, object] = field(default_factory=dict)  # the CLI flags, recorded in the report
 
 
 @dataclass
@@ -575,6 +576,8 @@ def environment(config: BenchConfig) -> Dict[str, object]:
         "quick": config.quick,
         "cuda_graphs": config.cuda_graphs,
         "seed": config.seed,
+        "cpu_budget_s": config.cpu_budget_s,
+        "options": config.options,
         "torch_threads": torch.get_num_threads(),
         # Other processes on the cores disturb CPU timings (OpenMP threads wait on each other).
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
@@ -655,7 +658,7 @@ def _measure_group(
         use_graph = config.cuda_graphs and shape.M * shape.K * shape.N <= config.graph_max_mnk
         timings = {n: time_gpu(call, config.quick, use_graph) for n, call in calls.items()}
     else:
-        min_reps, max_reps = (3, 20) if config.quick else (7, 200)
+        min_reps, max_reps = (3, 20) if config.quick else (11, 200)
         budget = config.cpu_budget_s if config.cpu_budget_s is not None else (0.5 if config.quick else 4.0)
         timings = time_cpu_round_robin(calls, min_reps, max_reps, budget, warmup=1 if config.quick else 2)
 
@@ -1062,6 +1065,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         seed=args.seed,
         progress=not args.no_progress,
         cpu_budget_s=args.cpu_budget,
+        options={k: v for k, v in vars(args).items() if k not in ("module", "command")},
     )
 
 
