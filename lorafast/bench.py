@@ -1073,7 +1073,11 @@ def run(args: argparse.Namespace) -> int:
     """Run the bench for parsed ``args``; exit status 1 if any implementation failed its check."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:  # a bad flag: one line, like argparse's own errors
+        print(f"lorafast bench: error: {exc}", file=sys.stderr)
+        return 2
     if config.device.type == "cpu" and hasattr(os, "getloadavg"):
         load, cores = os.getloadavg()[0], os.cpu_count() or 1
         if load > 0.5 * cores:

@@ -191,3 +191,18 @@ def test_gpu_report_shows_roofline_predictions(tmp_path):
     paths = bench.write_report(report, str(tmp_path))
     assert paths["json"].endswith("nvidia-h100-80gb-hbm3-2026-11-23-1400.json")
     assert _strict_json(paths["json"])["summary"][0]["predicted_lorafast_vs_base"] > 1.0
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--shapes", "gpt"], "unknown shape 'gpt'"),
+        (["--dtype", "int8"], "--dtype"),
+        (["--dropout", "1.0"], "--dropout"),
+        (["--rank", "0"], "--rank"),
+    ],
+)
+def test_cli_bad_flags_give_one_clear_error(flags, message, capsys):
+    assert main(["bench", "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "lorafast bench: error:" in err and message in err
