@@ -568,6 +568,7 @@ def environment(config: BenchConfig) -> Dict[str, object]:
         "triton": triton_version,
         "peft": peft_version,
         "lorafast": lorafast.__version__,
+        "source_revision": source_revision(),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dtype": dtype_name(config.dtype),
@@ -582,6 +583,20 @@ def environment(config: BenchConfig) -> Dict[str, object]:
         # Other processes on the cores disturb CPU timings (OpenMP threads wait on each other).
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
+
+
+def source_revision() -> Optional[str]:
+    """``git describe --always --dirty`` of the checkout lorafast is imported from (None outside one)."""
+    import subprocess
+
+    package_dir = os.path.dirname(os.path.abspath(lorafast.__file__))
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=package_dir, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def _resolved_backend(config: BenchConfig) -> str:
@@ -795,7 +810,7 @@ def markdown_report(report: Dict[str, object]) -> str:
         "",
         f"{env['date']} · torch {env['torch']} · triton {env['triton']} · peft {env['peft']} · "
         f"dtype {env['dtype']} · lorafast backend {env['backend']} → {env['backend_resolved']} · "
-        f"timer {', '.join(timer)}",
+        f"timer {', '.join(timer)} · source {env.get('source_revision')}",
         "",
     ]
     if env["device"] == "cpu":
