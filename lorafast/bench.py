@@ -45,14 +45,14 @@ from torch import nn
 
 import lorafast
 from lorafast import reference, roofline
+from lorafast.tolerances import REL_TOL
 
 IMPLEMENTATIONS = ("lorafast", "peft", "reference", "base")
 MODES = ("fwd", "fwd+bwd")
 
 # Relative-norm error allowed vs float64: TOLERANCE[dtype] + 2 × the error of the plain-PyTorch
-# reference run in the same dtype (flash-attention's rule). Same numbers as tests/utils.py REL_TOL
-# (fp32 dots are IEEE there: no TF32), which the package cannot import.
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# reference run in the same dtype (flash-attention's rule); one table for the tests and the bench.
+TOLERANCE = REL_TOL
 
 _DTYPES = {
     "fp32": torch.float32,

@@ -7,10 +7,7 @@ from typing import Optional
 
 import torch
 
-# Floor added to the low-precision rule below (flash-attention style): the fused result's error vs a
-# float64 reference may be at most 2× the error of the same math done by PyTorch in the low dtype,
-# plus this much. fp32 runs IEEE dots (no TF32), so its floor is tight.
-REL_TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+from lorafast.tolerances import REL_TOL  # the rule is explained there
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
