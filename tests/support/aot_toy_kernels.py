@@ -3,28 +3,17 @@
 `aot_entries(arch)` returns entries that must pass the gate; `aot_entries_with_defects(arch)` adds
 one entry per defect the gate must catch (spill, shared-memory overflow, a "dot" kernel without
 tensor-core instructions, a compile error), so a test can prove the gate fails when it should.
-The entries mirror the shape of `lorafast.kernels.registry.AotEntry` (the gate duck-types them).
+The entries are the registry's own `AotEntry` records.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, List
 
 import triton
 import triton.language as tl
 
-
-@dataclass(frozen=True)
-class ToyAotEntry:
-    name: str
-    fn: object
-    signature: Dict[str, str]
-    constexprs: Dict[str, object]
-    configs: list
-    uses_dot: bool
-    arch: int
-    dtype: str
+from lorafast.kernels.registry import AotEntry as ToyAotEntry
 
 
 @triton.jit
