@@ -24,6 +24,11 @@ def _impl(backend: str):
     return torch_backend
 
 
+def forward_impl(x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p, backend):
+    """The forward math of the chosen backend with no autograd wrapper (inference calls)."""
+    return _impl(backend).forward(x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p)
+
+
 @torch.library.custom_op("lorafast::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(
     x: Tensor,
@@ -37,7 +42,7 @@ def lora_linear_fwd(
     backend: str,
 ) -> Tuple[Tensor, Tensor]:
     """x (M, K) → (y (M, N) in x's dtype, H (M, r) fp32 — unscaled LoRA hidden, saved for backward)."""
-    return _impl(backend).forward(x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p)
+    return forward_impl(x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p, backend)
 
 
 @lora_linear_fwd.register_fake
@@ -140,7 +145,7 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p, backend):
-        y, h = _impl(backend).forward(x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p)
+        y, h = forward_impl(x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p, backend)
         _setup_context(ctx, (x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p, backend), (y, h))
         return y, h
 

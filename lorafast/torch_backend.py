@@ -64,7 +64,7 @@ def forward(
     if dropout_p > 0.0:
         lora_in = x * dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device, dtype)
     h = rank_r_product(lora_in, lora_a.to(dtype).t())
-    h_scaled = h * (scaling.to(h.dtype) / (1.0 - dropout_p))
+    h_scaled = h * scaling if dropout_p == 0.0 else h * (scaling / (1.0 - dropout_p))
     y.addmm_(h_scaled, lora_b.to(dtype).t())
     return y, h.to(accum_dtype(dtype))
 
