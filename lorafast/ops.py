@@ -101,11 +101,16 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(h)
 
 
-def _parameter_grads(ctx, saved, grad_y, dx, da, db_lora, dbias):
-    """Map the kernels' fp32 accumulators to the 9 forward inputs' grads, each in its input's dtype.
-    ``saved`` is ctx.saved_tensors, read once by the caller (checkpointing allows a single unpack)."""
-    x, weight, lora_a, lora_b = saved[:4]
+def _grads_from(ctx, grad_y, run_backward):
+    """Unpack ctx once (checkpointing allows a single unpack), run ``run_backward(grad_y, *saved, p,
+    need_dx, need_da, need_db_lora, need_dbias)`` → (dX, dA, dB, db) accumulators, and map them to the
+    9 forward inputs' grads, each in its input's dtype."""
+    x, weight, lora_a, lora_b, h, scaling, seed = ctx.saved_tensors
     need_dx, need_dw, need_dbias, need_da, need_db_lora = ctx.needs_input_grad[:5]
+    dx, da, db_lora, dbias = run_backward(
+        grad_y, x, weight, lora_a, lora_b, h, scaling, seed, ctx.dropout_p,
+        need_dx, need_da, need_db_lora, need_dbias,
+    )
     # Documented fallback: a trainable base weight gets dW = dYᵀ·X from a plain matmul.
     dw = (grad_y.t() @ x.to(grad_y.dtype)).to(weight.dtype) if need_dw else None
     return (
@@ -122,14 +127,12 @@ def _parameter_grads(ctx, saved, grad_y, dx, da, db_lora, dbias):
 
 
 def _backward(ctx, grad_y, _grad_h):
-    saved = ctx.saved_tensors
-    x, weight, lora_a, lora_b, h, scaling, seed = saved
-    need_dx, _, need_dbias, need_da, need_db_lora = ctx.needs_input_grad[:5]
-    grads = torch.ops.lorafast.lora_linear_bwd(
-        grad_y, x, weight, lora_a, lora_b, h, scaling, seed, ctx.dropout_p, ctx.backend,
-        need_dx, need_da, need_db_lora, need_dbias,
-    )
-    return _parameter_grads(ctx, saved, grad_y, *grads)
+    def through_custom_op(grad_y, x, weight, lora_a, lora_b, h, scaling, seed, p, *needs):
+        return torch.ops.lorafast.lora_linear_bwd(
+            grad_y, x, weight, lora_a, lora_b, h, scaling, seed, p, ctx.backend, *needs
+        )
+
+    return _grads_from(ctx, grad_y, through_custom_op)
 
 
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -151,11 +154,4 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _grad_h):
-        saved = ctx.saved_tensors
-        x, weight, lora_a, lora_b, h, scaling, seed = saved
-        need_dx, _, need_dbias, need_da, need_db_lora = ctx.needs_input_grad[:5]
-        grads = _impl(ctx.backend).backward(
-            grad_y, x, weight, lora_a, lora_b, h, scaling, seed, ctx.dropout_p,
-            need_dx, need_da, need_db_lora, need_dbias,
-        )
-        return _parameter_grads(ctx, saved, grad_y, *grads)
+        return _grads_from(ctx, grad_y, _impl(ctx.backend).backward)
