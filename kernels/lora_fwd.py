@@ -1,9 +1,15 @@
 """Forward kernels (KERNELS.md plan F1): H = drop(X)·Aᵀ, then Y = X·Wᵀ + b + s·H·Bᵀ.
 
+- `lora_shrink`: H = drop(X)·Aᵀ, split over K so the grid has ≥ 2 programs per SM (relaxed fp32
+  atomics into a zeroed M×r buffer). Used by both the `fused` and the `cublas` strategies.
+- `lora_expand_gemm` (`fused`): the base GEMM with the rank-r dot and the bias in the epilogue.
+- `lora_expand_add` (`cublas`): Y += s·H·Bᵀ in place on cuBLAS's Y = X·Wᵀ + b.
+
 Dtype rules: X/W tiles stay in their storage dtype so tl.dot runs on tensor cores; adapter tiles
 (possibly fp32 while X is bf16 — PEFT upcasts adapters) are cast to X's dtype right before the dot;
 every accumulator and elementwise step is fp32 (the interpreter's bf16 arithmetic is wrong, and
-fp32 is what we want on the GPU anyway).
+fp32 is what we want on the GPU anyway). Column offsets are int64 (a strided x or W past 2³¹
+elements would overflow int32 offsets), program ids too.
 """
 
 from __future__ import annotations
@@ -15,8 +21,8 @@ import triton
 import triton.language as tl
 
 from lorafast.kernels import alloc
-from lorafast.kernels.configs import GEMM, SKINNY, launch, m_bucket, rank_block
-from lorafast.kernels.dropout import dropout_keep
+from lorafast.kernels.configs import EPILOGUE, GEMM, SKINNY, launch, m_bucket, rank_block, split_for
+from lorafast.kernels.dropout import dropout_col_keys, dropout_keep, dropout_row_keys, mask_threshold
 from lorafast.kernels.dtypes import dot_precision
 
 
@@ -34,38 +40,49 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     return tile_m, tile_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["mask_threshold"])
 def lora_shrink_kernel(
     x_ptr, a_ptr, h_ptr, seed_ptr,
     M, K, R, M_BUCKET,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_hm, stride_hr,
-    p,
+    stride_xm, stride_xk, stride_ar, stride_ak,
+    mask_threshold,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """H[M, R] (fp32) = drop(X)[M, K] · A[R, K]ᵀ; the 1/(1−p) factor is applied by the caller."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    """H[M, R] (fp32, zeroed by the caller) += drop(X)[M, K-slice] · A[R, K-slice]ᵀ.
+
+    Program (i, j) owns row block i and the K tiles j, j + S, j + 2S, … (S = programs along axis 1);
+    the 1/(1−p) factor is applied by the caller.
+    """
+    pid_m = tl.program_id(0).to(tl.int64)
+    split = tl.num_programs(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        row_keys = dropout_row_keys(seed, offs_m)
+    for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * split):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < K
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0,
+            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
         )
         if HAS_DROPOUT:
-            x = tl.where(dropout_keep(seed, offs_m, offs_k, K, p), x, tl.zeros_like(x))
+            keep = dropout_keep(row_keys, dropout_col_keys(seed, offs_k), mask_threshold)
+            x = tl.where(keep, x, tl.zeros_like(x))
         a = tl.load(
             a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-            mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0,
+            mask=(offs_r[None, :] < R) & mask_k[:, None], other=0.0,
         )
         acc = tl.dot(x, a.to(x.dtype), acc, input_precision=DOT_PRECISION)
-    tl.store(
-        h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr, acc,
-        mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
+    # Relaxed: the sum is read only by later kernels (stream order), so no fence is needed (the default
+    # acq_rel compiles to MEMBAR.ALL.GPU + CCTL.IVALL around every element on sm_90).
+    tl.atomic_add(
+        h_ptr + offs_m[:, None] * R + offs_r[None, :], acc,
+        mask=mask_m[:, None] & (offs_r[None, :] < R), sem="relaxed",
     )
 
 
@@ -73,7 +90,7 @@ def lora_shrink_kernel(
 def lora_expand_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, scale_ptr, y_ptr,
     M, N, K, R, M_BUCKET,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr,
+    stride_xm, stride_xk, stride_wn, stride_wk,
     stride_bn, stride_br, stride_ym, stride_yn,
     h_factor,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
@@ -88,7 +105,7 @@ def lora_expand_gemm_kernel(
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < K
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
@@ -102,8 +119,7 @@ def lora_expand_gemm_kernel(
     # LoRA epilogue: the scale is read from memory so a 0-dim tensor scaling needs no host sync.
     scale = tl.load(scale_ptr).to(tl.float32) * h_factor
     h = tl.load(
-        h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-        mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0,
+        h_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0,
     )
     b = tl.load(
         b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
@@ -119,6 +135,37 @@ def lora_expand_gemm_kernel(
     )
 
 
+@triton.jit
+def lora_expand_add_kernel(
+    y_ptr, h_ptr, b_ptr, scale_ptr,
+    M, N, R, M_BUCKET,
+    stride_ym, stride_yn, stride_bn, stride_br,
+    h_factor,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Y[M, N] += (s·h_factor·H)·Bᵀ in place (Y from cuBLAS: X·Wᵀ + b, in Y's dtype)."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    scale = tl.load(scale_ptr).to(tl.float32) * h_factor
+    h = tl.load(
+        h_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0,
+    )
+    b = tl.load(
+        b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+        mask=mask_n[None, :] & (offs_r[:, None] < R), other=0.0,
+    )
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tile = mask_m[:, None] & mask_n[None, :]
+    dot_dtype = y_ptr.dtype.element_ty
+    acc = tl.load(y_ptrs, mask=tile, other=0.0).to(tl.float32)
+    acc = tl.dot((h * scale).to(dot_dtype), b.to(dot_dtype), acc, input_precision=DOT_PRECISION)
+    tl.store(y_ptrs, acc.to(dot_dtype), mask=tile)
+
+
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
     """H = (X ⊙ keep)·Aᵀ, **without** the 1/(1−p) factor (folded into the expand's scale).
 
@@ -127,15 +174,18 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: Optional[torch.Tens
     """
     M, K = x.shape
     R = lora_a.shape[0]
-    h = alloc.empty((M, R), torch.float32, x.device)
+    h = torch.zeros((M, R), dtype=torch.float32, device=x.device)  # programs accumulate into it
     has_dropout = dropout_p > 0.0
+
+    def grid(meta):
+        m_tiles = triton.cdiv(M, meta["BLOCK_M"])
+        return m_tiles, split_for(m_tiles, triton.cdiv(K, meta["BLOCK_K"]), x.device)
+
     launch(
-        lora_shrink_kernel, SKINNY, x.device,
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
+        lora_shrink_kernel, SKINNY, x.device, grid,
         (x, lora_a, h, seed if has_dropout else h, M, K, R, m_bucket(M),
-         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), h.stride(0), h.stride(1),
-         float(dropout_p)),
-        key=("M_BUCKET", "K"),
+         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), mask_threshold(dropout_p)),
+        key=("M_BUCKET", "K"), reset_to_zero=("h_ptr",),
         HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(R),
         fp32=x.dtype == torch.float32,
     )
@@ -153,9 +203,8 @@ def lora_expand_gemm(
 ) -> torch.Tensor:
     """Y = X·Wᵀ + b + (scaling·h_factor·H)·Bᵀ in one GEMM with the LoRA term in the epilogue.
 
-    x: (M, K); weight: (N, K) same dtype as x; bias: (N,) or None; h: (M, r) fp32;
-    lora_b: (N, r) any float dtype; scaling: 0-dim or (1,) tensor on x's device; h_factor: python
-    float (1/(1−p) under dropout). Returns Y: (M, N) in x's dtype, contiguous.
+    x: (M, K); weight: (N, K) same dtype as x; bias: (N,) or None; h: (M, r) fp32 contiguous;
+    lora_b: (N, r) any float dtype; scaling: 0-dim tensor (read on device). Returns Y: (M, N) in x's dtype.
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -165,9 +214,32 @@ def lora_expand_gemm(
         lora_expand_gemm_kernel, GEMM, x.device,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
         (x, weight, bias if bias is not None else y, h, lora_b, scaling, y, M, N, K, R, m_bucket(M),
-         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
+         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
          lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1), float(h_factor)),
         HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(R), GROUP_M=8,
         fp32=x.dtype == torch.float32,
+    )
+    return y
+
+
+def lora_expand_add(
+    y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, h_factor: float = 1.0
+) -> torch.Tensor:
+    """Y += (scaling·h_factor·H)·Bᵀ in place; returns ``y``.
+
+    y: (M, N) fp16/bf16/fp32, any strides (cuBLAS's X·Wᵀ + b); h: (M, r) fp32 contiguous; lora_b: (N, r)
+    any float dtype (cast to y's dtype per tile); scaling: 0-dim tensor.
+    """
+    M, N = y.shape
+    R = h.shape[1]
+    launch(
+        lora_expand_add_kernel, EPILOGUE, y.device,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"])),
+        (y, h, lora_b, scaling, M, N, R, m_bucket(M), y.stride(0), y.stride(1),
+         lora_b.stride(0), lora_b.stride(1), float(h_factor)),
+        key=("M_BUCKET", "N"),
+        # Autotune runs every config on the same y: restore it between trials, or Y gets the update twice.
+        restore=("y_ptr",),
+        DOT_PRECISION=dot_precision(y.dtype), BLOCK_R=rank_block(R), fp32=y.dtype == torch.float32,
     )
     return y

@@ -601,10 +601,10 @@ def source_revision() -> Optional[str]:
 
 def _resolved_backend(config: BenchConfig) -> str:
     try:
-        from lorafast.functional import resolve_backend
+        from lorafast.strategies import resolve
 
         probe = torch.empty(1, 1, device=config.device, dtype=config.dtype)
-        return resolve_backend(config.backend, probe, probe)
+        return resolve(config.backend, probe, probe, probe, 0.0, (False,) * 4)
     except Exception as exc:  # reported, not fatal: the bench's own calls will raise if it matters
         return f"unknown ({exc})"
 
@@ -1028,8 +1028,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "triton", "torch"],
-        help="lorafast backend (default auto: triton on CUDA, torch on CPU)",
+        choices=["auto", "fused", "cublas", "aten", "triton", "torch"],
+        help="lorafast strategy (default auto: the fastest measured on this GPU, aten on CPU)",
     )
     parser.add_argument("--quick", action="store_true", help="fewer ranks and repeats (~30 s on a 2-core CPU)")
     parser.add_argument(

@@ -1,82 +1,49 @@
-"""Public functional API: `lora_linear`, input validation and backend dispatch."""
+"""Public functional API: `lora_linear` (validation, autocast, strategy choice) and `run`, the unchecked hot
+path for callers that validated once (the PEFT plan)."""
 
 from __future__ import annotations
 
-import os
-import warnings
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from lorafast import ops, reference
+from lorafast import ops, reference, strategies
 from lorafast.validation import check_lora_linear_args
 
-# The rank is padded to a power of two in registers by the kernels; above this the epilogue tiles
-# would crowd out the GEMM's, so larger ranks run the torch backend (unmeasured bound, see KERNELS.md).
-MAX_TRITON_RANK = 128
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-_warned: set = set()
+# The 0-dim scale tensors of float scalings, per (value, dtype, device): the kernels read s from memory,
+# and making a new device tensor per call costs an op (and, under CUDA graph capture, an allocation).
+_SCALE_CACHE: dict = {}
+_SCALE_CACHE_MAX = 256
 
 
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, stacklevel=3)
+def scale_tensor(scaling: Union[float, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """s as a 0-dim tensor on x's device in x's accumulation dtype (fp32, or fp64 for fp64 inputs).
 
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_backend(backend: str, x: torch.Tensor, lora_a: torch.Tensor) -> str:
-    """Pick "triton" or "torch" for these inputs.
-
-    "auto": triton on CUDA tensors (when triton imports), torch otherwise. "triton" on CPU needs
-    TRITON_INTERPRET=1 set before triton is imported; otherwise a ValueError says so. Valid inputs
-    the kernels do not cover (fp64, rank > MAX_TRITON_RANK) fall back to torch with a one-time warning.
+    A 0-dim tensor scaling (PEFT hotswap) is used as is (a view, no copy when already there), so changing
+    its value needs no sync and no recompile under torch.compile. Float scalings come from a cache.
     """
-    if backend == "torch":
-        return "torch"
-    if backend == "auto" and (not x.is_cuda or not _triton_available()):
-        return "torch"
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ValueError(
-            f"lora_linear: backend='triton' needs CUDA tensors, but x is on {x.device}; on CPU set "
-            "TRITON_INTERPRET=1 before importing triton (interpreter, slow) or use backend='torch'/'auto'"
-        )
-    if not _triton_available():
-        raise ValueError("lora_linear: backend='triton' requested but triton is not installed (pip install triton)")
-    if x.dtype not in TRITON_DTYPES or lora_a.dtype not in TRITON_DTYPES:
-        _warn_once("dtype", f"lorafast: {x.dtype}/{lora_a.dtype} is not supported by the Triton kernels; "
-                            "using the torch backend")
-        return "torch"
-    if lora_a.shape[0] > MAX_TRITON_RANK:
-        _warn_once("rank", f"lorafast: rank {lora_a.shape[0]} > {MAX_TRITON_RANK} runs on the torch backend")
-        return "torch"
-    return "triton"
-
-
-def _scaling_tensor(scaling: Union[float, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    # The kernels read s from memory, so a 0-dim tensor scaling (PEFT hotswap) needs no host sync and
-    # changing its value does not recompile under torch.compile. fp64 inputs keep an fp64 scale.
     dtype = torch.promote_types(x.dtype, torch.float32)
     if isinstance(scaling, torch.Tensor):
         return scaling.detach().reshape(()).to(device=x.device, dtype=dtype)
-    return torch.full((), float(scaling), dtype=dtype, device=x.device)
+    if torch.compiler.is_compiling():  # a traced constant; never hand dynamo a cached real tensor
+        return torch.full((), float(scaling), dtype=dtype, device=x.device)
+    key = (float(scaling), dtype, x.device)
+    cached = _SCALE_CACHE.get(key)
+    if cached is None:
+        if len(_SCALE_CACHE) >= _SCALE_CACHE_MAX:
+            _SCALE_CACHE.clear()
+        cached = _SCALE_CACHE[key] = torch.full((), key[0], dtype=dtype, device=x.device)
+    return cached
 
 
-def _autocast_inputs(
+def autocast_inputs(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """nn.Linear's rule under ``torch.autocast`` on x's device: x, weight and bias (except float64) are cast to
     the autocast dtype, so the output has that dtype. The adapters keep their dtype — the op casts them to
     x's dtype tile by tile, which is what PEFT's autocast lora_A/lora_B linears compute — so their
-    gradients come back in their own dtype (fp32 for PEFT's upcast adapters)."""
+    gradients come back in their own dtype (fp32 for PEFT's upcast adapters). The one autocast rule of the
+    package (the PEFT glue calls it too)."""
     device_type = x.device.type
     if not torch.is_autocast_enabled(device_type):
         return x, weight, bias
@@ -90,8 +57,80 @@ def _autocast_inputs(
 
 
 def _dropout_seed(device: torch.device) -> torch.Tensor:
-    # Drawn from the default generator of x's device, so torch.manual_seed makes a call reproducible.
+    # Drawn from the default generator of x's device, so torch.manual_seed makes a call reproducible, and
+    # checkpointing's RNG restore replays it. A device tensor: no host sync, capturable in a CUDA graph.
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def grad_needs(x, weight, bias, lora_a, lora_b) -> Tuple[bool, bool, bool, bool]:
+    """(need_dx, need_da, need_db_lora, need_dbias) when autograd records this call (else all False)."""
+    if not torch.is_grad_enabled():
+        return (False, False, False, False)
+    return (x.requires_grad, lora_a.requires_grad, lora_b.requires_grad, bias is not None and bias.requires_grad)
+
+
+def _timing_run(x2, weight, bias, lora_a, lora_b, scale, p, needs):
+    """``make_run`` for the dispatcher: one step of a strategy on these inputs, outside autograd."""
+    need_dx, need_da, need_db_lora, need_dbias = needs
+
+    def make_run(name: str):
+        impl = strategies.get(name)
+        seed = _dropout_seed(x2.device) if p > 0.0 else None
+        grad_y = None
+
+        def run():
+            nonlocal grad_y
+            with torch.no_grad():
+                y, h = impl.forward(x2, weight, bias, lora_a, lora_b, scale, seed, p)
+                if any(needs):
+                    if grad_y is None:
+                        grad_y = torch.randn_like(y)
+                    impl.backward(grad_y, x2, weight, lora_a, lora_b, h, scale, seed, p,
+                                  need_dx, need_da, need_db_lora, need_dbias)
+
+        return run
+
+    return make_run
+
+
+def choose_strategy(backend: str, x2, weight, bias, lora_a, lora_b, scale, p) -> str:
+    """The strategy for a call on the 2-D ``x2``: see :func:`lorafast.strategies.resolve`. The tuning
+    inputs (grad needs, the timing closure) are only built for "auto" on CUDA."""
+    if backend != "auto" or not x2.is_cuda:
+        return strategies.resolve(backend, x2, weight, lora_a, p, (False,) * 4)
+    needs = grad_needs(x2, weight, bias, lora_a, lora_b)
+    make_run = _timing_run(x2, weight, bias, lora_a, lora_b, scale, p, needs)
+    return strategies.resolve(backend, x2, weight, lora_a, p, needs, make_run)
+
+
+def run(
+    x2: torch.Tensor,
+    lead: Sequence[int],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: torch.Tensor,
+    p: float,
+    strategy: str,
+) -> torch.Tensor:
+    """The op on validated inputs: x2 (M, K) with M > 0, ``scale`` from :func:`scale_tensor`, ``p`` the
+    dropout probability in effect (0 outside training), ``strategy`` a STRATEGIES name. Returns
+    (*lead, N). Per call: a seed tensor when p > 0, then the strategy's launches; nothing else."""
+    seed = _dropout_seed(x2.device) if p > 0.0 else None
+    args = (x2, weight, bias, lora_a, lora_b, scale, seed, p, strategy)
+    if torch.compiler.is_compiling():
+        y, _ = ops.lora_linear_fwd(*args)
+    elif torch.is_grad_enabled() and (
+        x2.requires_grad or lora_a.requires_grad or lora_b.requires_grad or weight.requires_grad
+        or (bias is not None and bias.requires_grad)
+    ):
+        y, _ = ops.LoraLinearFunction.apply(*args)
+    else:  # inference: no graph to record, so skip autograd.Function's bookkeeping (~35 µs a call on CPU)
+        y, _ = ops.forward_impl(*args)
+    # Not y.reshape: like nn.Linear (matmul's _unsafe_view), the result is not a view, so in-place ops on it
+    # keep FSDP2's pre-backward hook (fully_shard warns about view outputs). Safe: the op's y has no other user.
+    return torch.ops.aten._unsafe_view(y, (*lead, weight.shape[0]))
 
 
 def lora_linear(
@@ -108,17 +147,18 @@ def lora_linear(
     """Fused LoRA linear ``Y = X·Wᵀ + b + s·(drop(X)·Aᵀ)·Bᵀ``.
 
     Args:
-        x: (..., K) fp16 / bf16 / fp32 (fp64 on the torch backend), any strides.
+        x: (..., K) fp16 / bf16 / fp32 (fp64 on the aten strategy), any strides.
         weight: (N, K), x's dtype; frozen unless it requires grad (then dW = dYᵀ·X is computed by a
             plain matmul — a documented fallback, not fused).
         bias: (N,) or None; gets a gradient when it requires grad.
         lora_a: (r, K); lora_b: (N, r) — any float dtype; fp32 adapters with bf16/fp16 x are read as
             fp32 and cast per tile (no fp32 copy of x). Gradients come back in each one's dtype.
         scaling: python float or 0-dim float tensor s (no gradient flows to it).
-        dropout_p: dropout on the LoRA input, applied only when ``training`` and p > 0; its Philox
-            seed is drawn from the default generator of x's device.
-        backend: "auto" (triton on CUDA, torch on CPU), "triton" (CPU only under TRITON_INTERPRET=1)
-            or "torch".
+        dropout_p: dropout on the LoRA input, applied only when ``training`` and p > 0; its seed is drawn
+            from the default generator of x's device.
+        backend: "auto" (on CUDA the fastest strategy measured on this GPU, cached; ``aten`` on CPU),
+            "fused", "cublas" (CPU only under TRITON_INTERPRET=1) or "aten"; "triton"/"torch" are
+            aliases of "fused"/"aten". The env var LORAFAST_STRATEGY overrides "auto".
 
     Under ``torch.autocast`` x, weight and bias are first cast to the autocast dtype as ``nn.Linear`` does
     (float64 excepted); the adapters keep their dtype.
@@ -127,22 +167,13 @@ def lora_linear(
         (..., N) tensor in x's dtype (the autocast dtype under autocast).
     """
     if isinstance(x, torch.Tensor):
-        x, weight, bias = _autocast_inputs(x, weight, bias)
+        x, weight, bias = autocast_inputs(x, weight, bias)
     check_lora_linear_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p, backend)
     p = float(dropout_p) if training else 0.0
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
     if x2.shape[0] == 0:
         return reference.lora_linear(x, weight, bias, lora_a, lora_b, scaling)
-    chosen = resolve_backend(backend, x, lora_a)
-    seed = _dropout_seed(x.device) if p > 0.0 else torch.zeros((1,), dtype=torch.int64, device=x.device)
-    args = (x2, weight, bias, lora_a, lora_b, _scaling_tensor(scaling, x), seed, p, chosen)
-    if torch.compiler.is_compiling():
-        y, _ = ops.lora_linear_fwd(*args)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b)):
-        y, _ = ops.LoraLinearFunction.apply(*args)
-    else:  # inference: no graph to record, so skip autograd.Function's bookkeeping (~35 µs a call on CPU)
-        y, _ = ops.forward_impl(*args)
-    # Not y.reshape: like nn.Linear (matmul's _unsafe_view), the result is not a view, so in-place ops on it
-    # keep FSDP2's pre-backward hook (fully_shard warns about view outputs). Safe: the op's y has no other user.
-    return torch.ops.aten._unsafe_view(y, (*lead, weight.shape[0]))
+    scale = scale_tensor(scaling, x)
+    strategy = choose_strategy(backend, x2, weight, bias, lora_a, lora_b, scale, p)
+    return run(x2, lead, weight, bias, lora_a, lora_b, scale, p, strategy)

@@ -1,8 +1,9 @@
-"""The fused LoRA linear as `torch.library` custom ops with fake and autograd registrations.
+"""The fused LoRA linear as `torch.library` custom ops with fake and autograd registrations, and the
+eager `autograd.Function` with the same math.
 
-`torch.compile(fullgraph=True)` traces these as opaque ops (no graph break); the backend string
-picks the Triton kernels or the plain-PyTorch implementation of the same math at run time.
-Saved for backward: x (already alive), H (M×r) and the dropout seed — nothing else of size M×K or M×N.
+`torch.compile(fullgraph=True)` traces the custom ops as opaque nodes (no graph break); the strategy
+string (lorafast.strategies) picks the implementation at run time. Saved for backward: x (already
+alive), H (M×r) and the dropout seed (None at p = 0) — nothing else of size M×K or M×N.
 """
 
 from __future__ import annotations
@@ -12,21 +13,13 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from lorafast import torch_backend
-from lorafast.torch_backend import accum_dtype
+from lorafast import strategies
+from lorafast.strategies.aten import accum_dtype
 
 
-def _impl(backend: str):
-    if backend == "triton":
-        from lorafast import triton_backend
-
-        return triton_backend
-    return torch_backend
-
-
-def forward_impl(x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p, backend):
-    """The forward math of the chosen backend with no autograd wrapper (inference calls)."""
-    return _impl(backend).forward(x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p)
+def forward_impl(x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p, strategy):
+    """The forward math of ``strategy`` with no autograd wrapper (inference calls)."""
+    return strategies.get(strategy).forward(x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p)
 
 
 @torch.library.custom_op("lorafast::lora_linear_fwd", mutates_args=())
@@ -37,7 +30,7 @@ def lora_linear_fwd(
     lora_a: Tensor,
     lora_b: Tensor,
     scaling: Tensor,
-    seed: Tensor,
+    seed: Optional[Tensor],
     dropout_p: float,
     backend: str,
 ) -> Tuple[Tensor, Tensor]:
@@ -61,7 +54,7 @@ def lora_linear_bwd(
     lora_b: Tensor,
     h: Tensor,
     scaling: Tensor,
-    seed: Tensor,
+    seed: Optional[Tensor],
     dropout_p: float,
     backend: str,
     need_dx: bool,
@@ -71,7 +64,7 @@ def lora_linear_bwd(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dX (M, K) in x's dtype, dA (r, K), dB (N, r), db (N,) — fp32 accumulators); an output not
     asked for comes back as an empty (0,) tensor, since custom ops cannot return None."""
-    grads = _impl(backend).backward(
+    grads = strategies.get(backend).backward(
         grad_y, x, weight, lora_a, lora_b, h, scaling, seed, dropout_p, need_dx, need_da, need_db_lora, need_dbias
     )
     return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
@@ -99,6 +92,11 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.mark_non_differentiable(h)
+    # No zero-filled dY when y gets no gradient (e.g. only another output was used): backward skips.
+    ctx.set_materialize_grads(False)
+
+
+_NO_GRADS = (None,) * 9
 
 
 def _grads_from(ctx, grad_y, run_backward):
@@ -106,6 +104,8 @@ def _grads_from(ctx, grad_y, run_backward):
     need_dx, need_da, need_db_lora, need_dbias)`` → (dX, dA, dB, db) accumulators, and map them to the
     9 forward inputs' grads, each in its input's dtype."""
     x, weight, lora_a, lora_b, h, scaling, seed = ctx.saved_tensors
+    if grad_y is None:  # materialize_grads is off: y's gradient is all zeros, so is every input's
+        return _NO_GRADS
     need_dx, need_dw, need_dbias, need_da, need_db_lora = ctx.needs_input_grad[:5]
     dx, da, db_lora, dbias = run_backward(
         grad_y, x, weight, lora_a, lora_b, h, scaling, seed, ctx.dropout_p,
@@ -154,4 +154,4 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _grad_h):
-        return _grads_from(ctx, grad_y, _impl(ctx.backend).backward)
+        return _grads_from(ctx, grad_y, strategies.get(ctx.backend).backward)

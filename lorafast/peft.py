@@ -42,10 +42,9 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from lorafast.functional import lora_linear
+from lorafast.strategies import BACKENDS
 
 logger = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "triton", "torch")
 # Autocast casts these (not float64) to its dtype for linear layers.
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Plain attributes (not parameters/buffers/submodules, so PEFT never sees them as adapter state).

@@ -6,8 +6,9 @@ from typing import Optional, Union
 
 import torch
 
+from lorafast.strategies import BACKENDS
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKENDS = ("auto", "triton", "torch")
 
 
 def _describe(name: str, t: torch.Tensor) -> str:

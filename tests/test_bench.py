@@ -30,7 +30,7 @@ def test_cli_quick_cpu_writes_complete_report(tmp_path, capsys):
     assert main(argv) == 0
     report = _strict_json(tmp_path / "tiny.json")
     assert report["environment"]["device"] == "cpu"
-    assert report["environment"]["backend_resolved"] == "torch"
+    assert report["environment"]["backend_resolved"] == "aten"
     assert report["failures"] == []
     results = report["results"]
     # fwd (eval) once, fwd+bwd for each p; four implementations each.

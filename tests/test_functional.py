@@ -1,5 +1,6 @@
-"""lorafast.lora_linear (triton backend through the interpreter on CPU) vs the float64 reference:
-forward and every gradient, odd shapes, all dtypes, mixed adapter dtypes, strided inputs."""
+"""lorafast.lora_linear vs the float64 reference, for every strategy: `fused` and `cublas` (their Triton parts
+through the interpreter on CPU, cuBLAS parts as torch matmuls) and `aten`: forward and every gradient, odd
+shapes, all dtypes, mixed adapter dtypes, strided inputs. Dropout is covered in test_dropout.py."""
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ def run(inp, backend, grad_out=None, **kw):
     return y, [t.grad for t in inp.leaves()], g
 
 
-def check_against_reference(inp, backend="triton", what=""):
+def check_against_reference(inp, backend="fused", what=""):
     dtype = inp.x.dtype
     y, grads, g = run(inp, backend)
     ref = inp.to64()
@@ -62,37 +63,47 @@ class LowPrecision:
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+STRATEGIES = ["fused", "cublas", "aten"]
+TRITON_STRATEGIES = ["fused", "cublas"]
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_dtypes_and_bias(dtype, bias):
-    check_against_reference(make_inputs(130, 70, 45, 8, dtype, bias=bias, device=DEVICE), what=f"{dtype}")
+def test_dtypes_and_bias(strategy, dtype, bias):
+    inp = make_inputs(130, 70, 45, 8, dtype, bias=bias, device=DEVICE)
+    check_against_reference(inp, strategy, what=f"{strategy} {dtype}")
 
 
+@pytest.mark.parametrize("strategy", TRITON_STRATEGIES)
 @pytest.mark.parametrize("M", [1, 7, 64, 130])
-def test_rows(M):
-    check_against_reference(make_inputs(M, 37, 53, 8, torch.float32, device=DEVICE), what=f"M={M}")
+def test_rows(strategy, M):
+    check_against_reference(make_inputs(M, 37, 53, 8, torch.float32, device=DEVICE), strategy, what=f"M={M}")
 
 
+@pytest.mark.parametrize("strategy", TRITON_STRATEGIES)
 @pytest.mark.parametrize("r", [1, 3, 8, 16, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_ranks(r, dtype):
-    check_against_reference(make_inputs(33, 70, 45, r, dtype, device=DEVICE), what=f"r={r}")
+def test_ranks(strategy, r, dtype):
+    check_against_reference(make_inputs(33, 70, 45, r, dtype, device=DEVICE), strategy, what=f"r={r}")
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_fp32_adapters_on_half_activations(dtype):
+def test_fp32_adapters_on_half_activations(strategy, dtype):
     inp = make_inputs(65, 70, 45, 8, dtype, adapter_dtype=torch.float32, device=DEVICE)
-    check_against_reference(inp, what=f"{dtype}+fp32 adapters")
+    check_against_reference(inp, strategy, what=f"{strategy} {dtype}+fp32 adapters")
 
 
-def test_3d_input():
-    check_against_reference(make_inputs(9, 40, 33, 4, torch.float32, device=DEVICE, lead=(3,)), what="3-D")
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_3d_input(strategy):
+    inp = make_inputs(9, 40, 33, 4, torch.float32, device=DEVICE, lead=(3,))
+    check_against_reference(inp, strategy, what=f"{strategy} 3-D")
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "permuted3d"])
-def test_strided_inputs(layout):
+def test_strided_inputs(strategy, layout):
     inp = make_inputs(50, 40, 33, 4, torch.float32, device=DEVICE)
     if layout == "transposed":
         x = torch.randn(40, 50, device=DEVICE).t()
@@ -103,38 +114,54 @@ def test_strided_inputs(layout):
     assert not x.is_contiguous()
     inp.x = x.detach().requires_grad_()
     assert not inp.x.is_contiguous()
-    check_against_reference(inp, what=layout)
+    check_against_reference(inp, strategy, what=f"{strategy} {layout}")
 
 
-def test_transposed_weight_and_adapters():
+@pytest.mark.parametrize("strategy", TRITON_STRATEGIES)
+def test_transposed_weight_and_adapters(strategy):
     inp = make_inputs(30, 40, 33, 4, torch.float32, device=DEVICE)
     inp.weight = torch.randn(40, 33, device=DEVICE).t() / 7
     inp.lora_a = (torch.randn(40, 4, device=DEVICE) / 7).t().requires_grad_()
-    check_against_reference(inp, what="strided weight/A")
+    inp.lora_b = (torch.randn(4, 33, device=DEVICE) / 2).t().requires_grad_()
+    check_against_reference(inp, strategy, what=f"{strategy} strided weight/A/B")
 
 
-def test_stride0_grad_from_sum():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_stride0_grad_from_sum(strategy):
     inp = make_inputs(20, 24, 18, 4, torch.float32, device=DEVICE)
-    lorafast.lora_linear(*inp.args(), backend="triton").sum().backward()
+    lorafast.lora_linear(*inp.args(), backend=strategy).sum().backward()
     ref = inp.to64()
     reference.lora_linear(*ref.args()).sum().backward()
     for got, leaf in zip(inp.leaves(), ref.leaves()):
         assert_close(got.grad, leaf.grad, torch.float32, what="sum().backward()")
 
 
-def test_scaling_as_tensor_matches_float():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_scaling_as_tensor_matches_float(strategy):
     inp = make_inputs(17, 24, 18, 4, torch.float32, device=DEVICE)
-    y_float = lorafast.lora_linear(*inp.args(), backend="triton")
+    y_float = lorafast.lora_linear(*inp.args(), backend=strategy)
     args = list(inp.args())
     args[-1] = torch.tensor(inp.scaling)
-    y_tensor = lorafast.lora_linear(*args, backend="triton")
+    y_tensor = lorafast.lora_linear(*args, backend=strategy)
     assert torch.equal(y_float, y_tensor)
 
 
-def test_trainable_weight_gets_gradient():
+def test_float_scale_tensor_is_cached_per_value():
+    """One 0-dim device tensor per (value, dtype, device), reused: no new tensor per call."""
+    from lorafast.functional import scale_tensor
+
+    x = torch.randn(2, 3, device=DEVICE)
+    a, b = scale_tensor(0.5, x), scale_tensor(0.5, x)
+    assert a is b and a.item() == 0.5 and a.dtype == torch.float32
+    assert scale_tensor(0.25, x).item() == 0.25
+    assert scale_tensor(0.5, x.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_trainable_weight_gets_gradient(strategy):
     inp = make_inputs(20, 24, 18, 4, torch.float32, device=DEVICE)
     inp.weight.requires_grad_()
-    y = lorafast.lora_linear(*inp.args(), backend="triton")
+    y = lorafast.lora_linear(*inp.args(), backend=strategy)
     g = torch.randn_like(y)
     y.backward(g)
     ref = inp.to64()
@@ -142,11 +169,12 @@ def test_trainable_weight_gets_gradient():
     assert_close(inp.weight.grad, ref.weight.grad, torch.float32, what="dW fallback")
 
 
-def test_only_requested_grads():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_only_requested_grads(strategy):
     """x without grad: only adapter grads computed (no dX GEMM) and they stay correct."""
     inp = make_inputs(20, 24, 18, 4, torch.float32, device=DEVICE)
     inp.x.requires_grad_(False)
-    y = lorafast.lora_linear(*inp.args(), backend="triton")
+    y = lorafast.lora_linear(*inp.args(), backend=strategy)
     g = torch.randn_like(y)
     y.backward(g)
     ref = inp.to64()
@@ -156,20 +184,41 @@ def test_only_requested_grads():
     assert_close(inp.lora_b.grad, ref.lora_b.grad, torch.float32, what="dB")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_empty_rows(backend):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_empty_rows(strategy):
     inp = make_inputs(0, 24, 18, 4, torch.float32, device=DEVICE, lead=(2,))
-    y = lorafast.lora_linear(*inp.args(), backend=backend)
+    y = lorafast.lora_linear(*inp.args(), backend=strategy)
     assert y.shape == (2, 0, 18)
     y.sum().backward()
     assert inp.lora_a.grad is not None and torch.all(inp.lora_a.grad == 0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_torch_backend_matches_reference(dtype):
-    check_against_reference(make_inputs(70, 45, 37, 3, dtype, device=DEVICE), backend="torch", what="torch")
+@pytest.mark.parametrize("alias, strategy", [("triton", "fused"), ("torch", "aten")])
+def test_backend_aliases(alias, strategy):
+    """"triton" and "torch" stay accepted and run exactly the strategy they name."""
+    inp = make_inputs(21, 24, 18, 4, torch.float32, device=DEVICE)
+    assert torch.equal(lorafast.lora_linear(*inp.args(), backend=alias), lorafast.lora_linear(*inp.args(),
+                                                                                            backend=strategy))
 
 
-def test_torch_backend_fp32_adapters_on_bf16():
-    inp = make_inputs(33, 45, 37, 3, torch.bfloat16, adapter_dtype=torch.float32, device=DEVICE)
-    check_against_reference(inp, backend="torch", what="torch mixed")
+def test_backward_allocates_no_zero_grad_for_h():
+    """materialize_grads is off: autograd does not build a zero (M, r) gradient for the non-differentiable
+    H output on every backward (it did: one zeros_like + fill per call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    inp = make_inputs(21, 24, 18, 4, torch.float32, device=DEVICE)
+    y = lorafast.lora_linear(*inp.args(), backend="aten")
+    g = torch.randn_like(y)
+    with Ops() as mode:
+        y.backward(g)
+    zero_fills = [n for n in mode.names if "zero" in n or "fill" in n]
+    assert zero_fills == [], mode.names

@@ -53,21 +53,22 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
         lorafast.lora_linear(**good(), backend="triton")
 
 
-def test_auto_is_torch_on_cpu():
-    from lorafast.functional import resolve_backend
+def test_auto_is_aten_on_cpu():
+    from lorafast import strategies
 
-    assert resolve_backend("auto", torch.randn(2, 2), torch.randn(2, 2)) == "torch"
+    x = torch.randn(2, 2)
+    assert strategies.resolve("auto", x, x, x, 0.0, (True,) * 4) == "aten"
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="triton backend needs CUDA or the interpreter")
 def test_fp64_on_triton_falls_back_with_warning():
-    from lorafast import functional
+    from lorafast import strategies
 
-    functional._warned.discard("dtype")
+    strategies._warned.clear()
     args = good(**{k: v.double() for k, v in good().items() if isinstance(v, torch.Tensor)})
     if torch.cuda.is_available():
         args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-    with pytest.warns(UserWarning, match="torch backend"):
+    with pytest.warns(UserWarning, match="running the 'aten' strategy"):
         y = lorafast.lora_linear(**args, backend="triton")
     assert y.dtype == torch.float64

@@ -1,4 +1,9 @@
-"""The fused LoRA math on the Triton kernels (lorafast.kernels): same contract as torch_backend."""
+"""`fused`: Triton GEMMs with the LoRA work in their epilogues (lorafast.kernels).
+
+Forward: H = drop(X)·Aᵀ (shrink), then Y = X·Wᵀ + b + s/(1−p)·H·Bᵀ in one GEMM.
+Backward: dH/dB/db in one pass over dY, dX = dY·W + keep⊙(dH·A)/(1−p) in one GEMM, dA over X.
+Wins where our GEMM is close to cuBLAS's or where launches dominate; the dispatcher decides.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +22,11 @@ def forward(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scaling: torch.Tensor,
-    seed: torch.Tensor,
+    seed: Optional[torch.Tensor],
     dropout_p: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Two launches: H = drop(X)·Aᵀ, then Y = X·Wᵀ + b + s/(1−p)·H·Bᵀ. Returns (y, H fp32)."""
+    """Two launches (plus the zero-fill of H). x (M, K), weight (N, K) in x's dtype, adapters any float
+    dtype, scaling 0-dim, seed int64 (1,) or None at p = 0. Returns (y (M, N) in x's dtype, H (M, r) fp32)."""
     h = lora_shrink(x, lora_a, seed, dropout_p)
     y = lora_expand_gemm(x, weight, bias, h, lora_b, scaling, h_factor=1.0 / (1.0 - dropout_p))
     return y, h
@@ -34,14 +40,15 @@ def backward(
     lora_b: torch.Tensor,
     h: torch.Tensor,
     scaling: torch.Tensor,
-    seed: torch.Tensor,
+    seed: Optional[torch.Tensor],
     dropout_p: float,
     need_dx: bool,
     need_da: bool,
     need_db_lora: bool,
     need_dbias: bool,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Up to three launches: dH/dB/db over dY, the dX GEMM with its LoRA epilogue, dA over X."""
+    """Up to three launches: dH/dB/db over dY, the dX GEMM with its LoRA epilogue, dA over X.
+    Returns (dX in grad_y's dtype, dA (r, K) fp32, dB (N, r) fp32, db (N,) fp32), None where not needed."""
     h_factor = 1.0 / (1.0 - dropout_p)
     dh, db_lora, dbias = lora_grad_h(grad_y, lora_b, h, scaling, h_factor, need_db_lora, need_dbias)
     dx = dx_with_lora_epilogue(grad_y, weight, dh, lora_a, seed, dropout_p) if need_dx else None
