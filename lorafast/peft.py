@@ -269,14 +269,27 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"lorafast.peft: backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def _swap_in(layer: PeftLoraLinear, backend: str, name: Optional[str]) -> None:
-    layer.__class__ = FusedLoraLinear
+def _swap_in(layer: nn.Module, backend: str, name: Optional[str], fused_class: Optional[type] = None) -> None:
+    layer.__class__ = FusedLoraLinear if fused_class is None else fused_class
     setattr(layer, _BACKEND_ATTR, backend)
     setattr(layer, _NAME_ATTR, name)
 
 
+def _fused_classes() -> dict[type, type]:
+    """PEFT class → its lorafast subclass: plain ``lora.Linear`` plus whatever :mod:`lorafast.qlora` covers
+    (``FUSED_CLASSES``; imported lazily, as it needs bitsandbytes, and skipped when it cannot be imported)."""
+    classes: dict[type, type] = {PeftLoraLinear: FusedLoraLinear}
+    try:
+        from lorafast import qlora
+    except ImportError:
+        return classes
+    classes.update(getattr(qlora, "FUSED_CLASSES", {}))
+    return classes
+
+
 def patch(model: nn.Module, backend: str = "auto") -> int:
-    """Make every plain PEFT ``lora.Linear`` in ``model`` run the fused op; changes nothing else.
+    """Make every plain PEFT ``lora.Linear`` in ``model`` (and every quantized LoRA layer that
+    ``lorafast.qlora.FUSED_CLASSES`` covers) run the fused op; changes nothing else.
 
     Swaps the layers' class in place (no new parameters, buffers or submodules; state_dict keys and
     saved adapters are unchanged). Idempotent: already-patched layers are skipped, but take the new
@@ -290,13 +303,16 @@ def patch(model: nn.Module, backend: str = "auto") -> int:
         The number of layers newly patched by this call (0 on a second call).
     """
     _check_backend(backend)
+    classes = _fused_classes()
+    fused = frozenset(classes.values())
     patched = 0
     ineligible: dict[str, int] = {}
     for name, module in model.named_modules():
-        if type(module) is PeftLoraLinear:
-            _swap_in(module, backend, name)
+        fused_class = classes.get(type(module))
+        if fused_class is not None:
+            _swap_in(module, backend, name, fused_class)
             patched += 1
-        elif type(module) is FusedLoraLinear:
+        elif type(module) in fused:
             setattr(module, _BACKEND_ATTR, backend)
         elif isinstance(module, LoraLayer):
             kind = type(module).__module__ + "." + type(module).__qualname__
@@ -311,15 +327,18 @@ def patch(model: nn.Module, backend: str = "auto") -> int:
 
 
 def unpatch(model: nn.Module) -> int:
-    """Restore PEFT's own ``lora.Linear`` class on every patched layer of ``model``.
+    """Restore PEFT's own class (``lora.Linear``, or the quantized layer class) on every patched layer of
+    ``model``.
 
     Returns:
         The number of layers restored.
     """
+    peft_class_of = {fused: peft for peft, fused in _fused_classes().items()}
     restored = 0
     for module in model.modules():
-        if type(module) is FusedLoraLinear:
-            module.__class__ = PeftLoraLinear
+        peft_class = peft_class_of.get(type(module))
+        if peft_class is not None:
+            module.__class__ = peft_class
             for attr in (_BACKEND_ATTR, _NAME_ATTR):
                 module.__dict__.pop(attr, None)
             restored += 1
