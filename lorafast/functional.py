@@ -69,37 +69,15 @@ def grad_needs(x, weight, bias, lora_a, lora_b) -> Tuple[bool, bool, bool, bool]
     return (x.requires_grad, lora_a.requires_grad, lora_b.requires_grad, bias is not None and bias.requires_grad)
 
 
-def _timing_run(x2, weight, bias, lora_a, lora_b, scale, p, needs):
-    """``make_run`` for the dispatcher: one step of a strategy on these inputs, outside autograd."""
-    need_dx, need_da, need_db_lora, need_dbias = needs
-
-    def make_run(name: str):
-        impl = strategies.get(name)
-        seed = _dropout_seed(x2.device) if p > 0.0 else None
-        grad_y = None
-
-        def run():
-            nonlocal grad_y
-            with torch.no_grad():
-                y, h = impl.forward(x2, weight, bias, lora_a, lora_b, scale, seed, p)
-                if any(needs):
-                    if grad_y is None:
-                        grad_y = torch.randn_like(y)
-                    impl.backward(grad_y, x2, weight, lora_a, lora_b, h, scale, seed, p,
-                                  need_dx, need_da, need_db_lora, need_dbias)
-
-        return run
-
-    return make_run
-
-
 def choose_strategy(backend: str, x2, weight, bias, lora_a, lora_b, scale, p) -> str:
     """The strategy for a call on the 2-D ``x2``: see :func:`lorafast.strategies.resolve`. The tuning
     inputs (grad needs, the timing closure) are only built for "auto" on CUDA."""
     if backend != "auto" or not x2.is_cuda:
         return strategies.resolve(backend, x2, weight, lora_a, p, (False,) * 4)
+    from lorafast import dispatch
+
     needs = grad_needs(x2, weight, bias, lora_a, lora_b)
-    make_run = _timing_run(x2, weight, bias, lora_a, lora_b, scale, p, needs)
+    make_run = dispatch.step_runner(x2, weight, bias, lora_a, lora_b, scale, p, needs)
     return strategies.resolve(backend, x2, weight, lora_a, p, needs, make_run)
 
 

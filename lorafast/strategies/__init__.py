@@ -36,6 +36,8 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # What `auto` runs when it must not time (torch.compile tracing, CUDA graph capture) and has no cached
 # choice: cuBLAS's base GEMMs are never slower than ours by much, and its LoRA side work is small.
 DEFAULT_CUDA = "cublas"
+# Replaces backend="auto" everywhere (e.g. LORAFAST_STRATEGY=aten to rule our kernels out of a run).
+ENV_STRATEGY = "LORAFAST_STRATEGY"
 
 _modules: dict = {}
 _warned: set = set()
@@ -98,11 +100,17 @@ def resolve(
     make_run: for "auto" on CUDA, ``make_run(name)`` gives a closure running one step of strategy
     ``name`` on these inputs, for the dispatcher to time (None: no timing; cached choice or default).
 
+    The environment variable LORAFAST_STRATEGY, when set, replaces "auto" (on CPU too).
     Explicit Triton strategies need CUDA tensors, or CPU under TRITON_INTERPRET=1 (set before triton is
     imported), else a ValueError. Valid inputs the kernels do not cover (fp64 or other dtypes, rank >
     MAX_TRITON_RANK, deterministic mode on CUDA) run ``aten`` with a one-time warning.
     """
     name = ALIASES.get(backend, backend)
+    if name == "auto":
+        override = os.environ.get(ENV_STRATEGY)
+        if override:
+            name = _override(override)
+            backend = f"{override} (from {ENV_STRATEGY})"
     if name == "aten":
         return "aten"
     if name == "auto":
@@ -122,6 +130,14 @@ def resolve(
     if reason is not None:
         warn_once(reason.split(" ")[0], f"lorafast: {reason}; running the 'aten' strategy instead of {name!r}")
         return "aten"
+    return name
+
+
+def _override(value: str) -> str:
+    """The strategy named by LORAFAST_STRATEGY (which replaces every "auto"), or a ValueError naming it."""
+    name = ALIASES.get(value, value)
+    if name not in STRATEGIES and name != "auto":
+        raise ValueError(f"lorafast: {ENV_STRATEGY}={value!r} is not a strategy; expected one of {BACKENDS}")
     return name
 
 

@@ -1,0 +1,325 @@
+"""``backend="auto"`` on CUDA: time the candidate strategies once per problem key on the user's GPU, keep the
+fastest, and remember it in memory and on disk.
+
+We cannot tune on a GPU; every user's GPU can. The first call for a key (GPU name, dtypes, M bucket, N, K, rank
+bucket, dropout on/off, which gradients are needed) runs one fwd+bwd step of each candidate a few times, timed
+with CUDA events, and keeps the median-fastest. Later calls with the same key are a dict lookup. Choices are
+written to ``$LORAFAST_CACHE_DIR/strategies-<versions>.json`` (default ``~/.cache/lorafast``), one file per
+lorafast/torch/triton version triple, so a new process does not time again and an upgrade re-times.
+
+Never times while a CUDA graph is being captured or while torch.compile traces: there it takes the cached
+choice, else the caller's default (``cublas``). A corrupt or unwritable cache file is ignored with one warning
+(and rewritten on the next save). ``LORAFAST_STRATEGY`` overrides ``"auto"`` (see
+:func:`lorafast.strategies.resolve`). :func:`tune` pre-tunes a model's shapes with example inputs.
+
+Timing does not touch the default RNG (a fixed dropout seed, a constant dY), so whether a key was cached or timed
+never changes the dropout masks a training run draws — activation checkpointing replays the RNG and must see
+the same draws in its recomputation.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import statistics
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+ENV_STRATEGY = "LORAFAST_STRATEGY"
+ENV_CACHE_DIR = "LORAFAST_CACHE_DIR"
+# Warm-up runs absorb Triton's compile and autotune (seconds on the first call of a process, once), then the
+# median of TIMED_RUNS steps decides. Small: this runs inside the user's first training step.
+WARMUP_RUNS = 2
+TIMED_RUNS = 5
+# Dropout seed used only while timing (a constant: timing must not consume the default generator).
+_TIMING_SEED = 0x5EED
+
+Runner = Callable[[], object]
+MakeRun = Callable[[str], Runner]
+Timer = Callable[[str, Runner], float]
+
+
+def _bucket(n: int) -> int:
+    """The next power of two ≥ n (≥ 1): M and r vary (sequence packing, rank patterns); tunings are shared."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_name(index)
+
+
+@dataclass(frozen=True)
+class StrategyKey:
+    """What a strategy choice depends on. ``op`` names the problem family ("lora"; QLoRA uses e.g. "nf4")."""
+
+    op: str
+    device: str
+    dtype: str
+    adapter_dtype: str
+    m_bucket: int
+    n: int
+    k: int
+    r_bucket: int
+    dropout: bool
+    needs: str
+
+    @classmethod
+    def for_call(
+        cls,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        lora_a: torch.Tensor,
+        dropout_p: float,
+        need_dx: bool,
+        need_da: bool,
+        need_db_lora: bool,
+        need_dbias: bool,
+        op: str = "lora",
+    ) -> StrategyKey:
+        """The key of a call: x (M, K) 2-D, weight (N, K) (only its shape is read), lora_a (r, K)."""
+        needs = "".join(flag for flag, on in zip(("x", "a", "b", "bias"), (need_dx, need_da, need_db_lora, need_dbias))
+                        if on) or "none"
+        return cls(
+            op=op,
+            device=_device_name(x.device),
+            dtype=str(x.dtype).replace("torch.", ""),
+            adapter_dtype=str(lora_a.dtype).replace("torch.", ""),
+            m_bucket=_bucket(x.shape[0]),
+            n=int(weight.shape[0]),
+            k=int(x.shape[1]),
+            r_bucket=_bucket(lora_a.shape[0]),
+            dropout=dropout_p > 0.0,
+            needs=needs,
+        )
+
+    def as_string(self) -> str:
+        """A stable text form, the key in the JSON cache file."""
+        return "|".join(f"{k}={v}" for k, v in asdict(self).items())
+
+
+# ---------------------------------------------------------------------------------------------------- cache
+
+_choices: Dict[StrategyKey, str] = {}
+_disk: Optional[Dict[str, str]] = None  # the file's choices, loaded once per process (lazily)
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def _versions() -> str:
+    import lorafast
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return f"lorafast{lorafast.__version__}-torch{torch.__version__}-triton{triton_version}"
+
+
+def cache_path() -> Path:
+    """The JSON file holding this process's versions' choices."""
+    root = os.environ.get(ENV_CACHE_DIR) or os.path.join(os.path.expanduser("~"), ".cache", "lorafast")
+    name = "strategies-" + "".join(c if c.isalnum() or c in ".-_" else "_" for c in _versions()) + ".json"
+    return Path(root) / name
+
+
+def _read_file(path: Path) -> Dict[str, str]:
+    """The file's {key string: strategy}; {} (one warning) when it is missing-but-expected, corrupt or unreadable."""
+    from lorafast.strategies import STRATEGIES
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):  # nothing cached yet (an unwritable dir warns on save)
+        return {}
+    except OSError as exc:
+        _warn_once("read", f"lorafast: cannot read the strategy cache {path} ({exc}); timing again")
+        return {}
+    try:
+        data = json.loads(text)
+        choices = data["choices"]
+        if not isinstance(choices, dict) or not all(isinstance(v, str) and v in STRATEGIES for v in choices.values()):
+            raise ValueError("'choices' is not a mapping of key to strategy name")
+    except (ValueError, KeyError, TypeError) as exc:
+        _warn_once("corrupt", f"lorafast: ignoring the corrupt strategy cache {path} ({exc}); it will be rewritten")
+        return {}
+    return dict(choices)
+
+
+def _load_disk() -> Dict[str, str]:
+    global _disk
+    if _disk is None:
+        _disk = _read_file(cache_path())
+    return _disk
+
+
+def _save(key: StrategyKey, name: str) -> None:
+    """Add one choice to the file: re-read (another process may have written), merge, write atomically."""
+    path = cache_path()
+    disk = _load_disk()
+    disk[key.as_string()] = name
+    merged = {**_read_file(path), **disk}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".strategies-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"versions": _versions(), "choices": merged}, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _warn_once("write", f"lorafast: cannot write the strategy cache {path} ({exc}); choices stay in memory")
+
+
+def choices() -> Dict[StrategyKey, str]:
+    """The strategies chosen (timed, or read from disk) in this process so far, by key."""
+    return dict(_choices)
+
+
+def clear(memory_only: bool = False) -> None:
+    """Forget this process's choices (and, unless ``memory_only``, re-read the disk cache on next use and warn
+    again about a bad cache file)."""
+    global _disk
+    _choices.clear()
+    if not memory_only:
+        _disk = None
+        _warned.clear()
+
+
+# --------------------------------------------------------------------------------------------------- timing
+
+def cuda_event_timer(name: str, run: Runner) -> float:
+    """Median milliseconds of ``run`` over TIMED_RUNS calls after WARMUP_RUNS, by CUDA events on the current
+    stream (``name`` is for injected timers in tests)."""
+    for _ in range(WARMUP_RUNS):
+        run()
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(TIMED_RUNS)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(TIMED_RUNS)]
+    for s, e in zip(start, end):
+        s.record()
+        run()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(start, end))
+
+
+_timer: Timer = cuda_event_timer
+
+
+def set_timer(timer: Optional[Timer]) -> None:
+    """Replace the timer (tests inject a fake one); None restores :func:`cuda_event_timer`."""
+    global _timer
+    _timer = timer or cuda_event_timer
+
+
+def _must_not_time() -> bool:
+    """Under torch.compile tracing or CUDA graph capture a timing run would be traced or captured."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def select(key: StrategyKey, candidates: Sequence[str], make_run: Optional[MakeRun], default: str) -> str:
+    """The strategy for ``key``: the cached choice, else the fastest candidate by ``make_run``'s steps.
+
+    ``make_run(name)`` returns a zero-argument callable running one step of strategy ``name`` (None: never time).
+    Without a cached choice and when timing is not allowed (no make_run, compile tracing, graph capture), returns
+    ``default``, uncached, so a later eager call still times. A candidate that raises is skipped with one
+    warning; if all raise, ``default`` is cached.
+    """
+    name = _choices.get(key)
+    if name is not None:
+        return name
+    name = _load_disk().get(key.as_string())
+    if name is not None and name in candidates:
+        _choices[key] = name
+        return name
+    if make_run is None or _must_not_time():
+        return default
+    times = {}
+    for candidate in candidates:
+        try:
+            times[candidate] = _timer(candidate, make_run(candidate))
+        except Exception as exc:  # a GPU-only failure must not break training: the other candidates remain
+            _warn_once(f"fail:{candidate}", f"lorafast: strategy {candidate!r} failed while timing "
+                                            f"({type(exc).__name__}: {exc}); it is skipped for {key.as_string()}")
+    name = min(times, key=times.get) if times else default
+    _choices[key] = name
+    _save(key, name)
+    return name
+
+
+def step_runner(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: torch.Tensor,
+    p: float,
+    needs: Tuple[bool, bool, bool, bool],
+) -> MakeRun:
+    """``make_run`` for :func:`select`: one forward (+ the needed backward) of a strategy on these inputs,
+    outside autograd, with a fixed dropout seed and a constant dY (no draw from the default generator)."""
+    from lorafast import strategies
+
+    def make_run(name: str) -> Runner:
+        impl = strategies.get(name)
+        seed = torch.full((1,), _TIMING_SEED, dtype=torch.int64, device=x2.device) if p > 0.0 else None
+        grad_y = []
+
+        def run():
+            with torch.no_grad():
+                y, h = impl.forward(x2, weight, bias, lora_a, lora_b, scale, seed, p)
+                if any(needs):
+                    if not grad_y:
+                        grad_y.append(torch.full_like(y, 1e-2))
+                    impl.backward(grad_y[0], x2, weight, lora_a, lora_b, h, scale, seed, p, *needs)
+
+        return run
+
+    return make_run
+
+
+def tune(model: torch.nn.Module, *example_inputs, **example_kwargs) -> Dict[StrategyKey, str]:
+    """Pre-tune every lorafast call ``model`` makes: one forward (and backward, when the output needs grad) on
+    the example inputs, so each key's strategy is timed now rather than in the first training step.
+
+    Call it in the mode you will train in (``model.train()``: dropout and the needed grads are part of the key).
+    The parameters' ``.grad`` are restored afterwards. Returns the choices made by this call (empty on CPU,
+    where ``"auto"`` runs ``aten`` without timing).
+    """
+    before = set(_choices)
+    saved = [(p, p.grad) for p in model.parameters()]
+    out = model(*example_inputs, **example_kwargs)
+    tensors = _output_tensors(out)
+    loss = sum(t.float().sum() for t in tensors if t.requires_grad)
+    if isinstance(loss, torch.Tensor):
+        loss.backward()
+    for p, grad in saved:
+        p.grad = grad
+    return {k: v for k, v in _choices.items() if k not in before}
+
+
+def _output_tensors(out) -> list:
+    """The floating-point tensors in a model output (tensor, tuple/list, dict or HF ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in _output_tensors(item)]
+    return []
