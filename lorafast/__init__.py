@@ -7,9 +7,11 @@ Public API::
     lorafast.reference.lora_linear(...)      # plain PyTorch oracle, same signature
     lorafast.LoRALinear(...), lorafast.LoRALinear.from_linear(linear, ...)
     lorafast.patch(peft_model), lorafast.unpatch(peft_model)   # PEFT drop-in
+    lorafast.tune(model, *example_inputs)    # pre-time backend="auto"'s strategies for a model's shapes (CUDA)
 """
 
 from lorafast import reference
+from lorafast.dispatch import tune
 from lorafast.functional import lora_linear
 from lorafast.modules import LoRALinear
 
@@ -36,4 +38,4 @@ def unpatch(model):
     return _unpatch(model)
 
 
-__all__ = ["LoRALinear", "lora_linear", "patch", "reference", "unpatch", "__version__"]
+__all__ = ["LoRALinear", "lora_linear", "patch", "reference", "tune", "unpatch", "__version__"]
