@@ -47,7 +47,7 @@ def test_threshold_resolution():
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_mask_replay_matches_reference(strategy, dtype):
     """Forward and all grads equal the reference run with the very mask the strategy drew."""
     inp = make_inputs(67, 45, 37, 5, dtype, device=DEVICE)
@@ -67,6 +67,27 @@ def test_mask_replay_matches_reference(strategy, dtype):
     for name, got, want in zip(names, outs, wants):
         # The per-dtype floor alone (no low-precision yardstick): bf16's floor covers these sizes.
         assert_close(got, want, dtype, what=f"{strategy} {name}")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_mask_replay_3d_strided_input(strategy):
+    """Dropout on a non-contiguous 3-D x (odd sizes): the mask indexes the logical (row, column) of the
+    flattened (M, K) view, so the replayed reference matches forward and every grad."""
+    inp = make_inputs(7, 45, 37, 3, torch.float32, device=DEVICE, lead=(3,))
+    inp.x = torch.randn(45, 7, 3, device=DEVICE).permute(2, 1, 0).detach().requires_grad_()
+    assert not inp.x.is_contiguous()
+    torch.manual_seed(4321)
+    y = lorafast.lora_linear(*inp.args(), dropout_p=P, training=True, backend=strategy)
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.manual_seed(4321)
+    mask = replay_mask(strategy, functional._dropout_seed(inp.x.device), 21, 45, P).reshape(3, 7, 45)
+    ref = inp.to64()
+    y_ref = reference.lora_linear(*ref.args(), dropout_p=P, training=True, dropout_mask=mask)
+    y_ref.backward(g.double())
+    for name, got, want in zip(["y", "dx", "dbias", "dA", "dB"], [y] + [t.grad for t in inp.leaves()],
+                               [y_ref] + [r.grad for r in ref.leaves()]):
+        assert_close(got, want, torch.float32, what=f"{strategy} {name}")
 
 
 def test_fused_and_cublas_drop_the_same_inputs():
