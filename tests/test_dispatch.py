@@ -193,6 +193,25 @@ def test_cached_choice_is_used_while_tracing(cache_dir, monkeypatch):
     assert dispatch.select(key, CANDIDATES, make_run, default="cublas") == "fused"
 
 
+def test_select_call_memoises_real_choices_only(cache_dir, monkeypatch):
+    timer = FakeTimer({"fused": 2.0, "cublas": 1.0, "aten": 3.0})
+    dispatch.set_timer(timer)
+    key, make_run = _problem()
+    x, w, a = torch.randn(24, 40), torch.randn(36, 40), torch.randn(4, 40)
+    needs = (True,) * 4
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert dispatch.select_call(x, w, a, 0.0, needs, CANDIDATES, make_run, "aten") == "aten"
+    monkeypatch.undo()
+    monkeypatch.setenv(dispatch.ENV_CACHE_DIR, str(cache_dir))
+    assert dispatch.select_call(x, w, a, 0.0, needs, CANDIDATES, make_run, "aten") == "cublas"
+    calls = len(timer.calls)
+    assert dispatch.select_call(x, w, a, 0.0, needs, CANDIDATES, make_run, "aten") == "cublas"
+    assert len(timer.calls) == calls == 3
+    assert dispatch.select_call(torch.randn(20, 40), w, a, 0.0, needs, CANDIDATES, make_run, "aten") == "cublas", \
+        "same bucket, other exact M: the key's choice, no timing"
+    assert len(timer.calls) == 3
+
+
 def test_auto_candidates_exclude_fused_for_fp32(cache_dir):
     timer = FakeTimer({"fused": 0.1, "cublas": 2.0, "aten": 1.0})
     dispatch.set_timer(timer)

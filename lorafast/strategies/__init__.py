@@ -146,5 +146,4 @@ def _auto(x, weight, lora_a, dropout_p, needs, make_run) -> str:
 
     # fp32's IEEE dots run on FMA units in our GEMMs: the fused path is a correctness path there.
     candidates = ("cublas", "aten") if x.dtype == torch.float32 else STRATEGIES
-    key = dispatch.StrategyKey.for_call(x, weight, lora_a, dropout_p, *needs)
-    return dispatch.select(key, candidates, make_run, default=DEFAULT_CUDA)
+    return dispatch.select_call(x, weight, lora_a, dropout_p, needs, candidates, make_run, default=DEFAULT_CUDA)
