@@ -278,6 +278,8 @@ def select_call(
     """:func:`select` for one call's tensors (x (M, K), weight (N, K), lora_a (r, K)), memoised on the exact
     shapes, dtypes and device: a repeated call costs one tuple and one dict lookup (~1 µs on the 2-core CPU)
     instead of building its StrategyKey (~7 µs)."""
+    if torch.compiler.is_compiling() and not all(isinstance(d, int) for d in (*x.shape, *weight.shape, *lora_a.shape)):
+        return default  # symbolic sizes (dynamic shapes): reading them into a key would specialise the graph
     exact = (op, x.device, x.dtype, lora_a.dtype, x.shape[0], weight.shape[0], x.shape[1], lora_a.shape[0],
              dropout_p > 0.0, needs, candidates)
     name = _by_call.get(exact)
