@@ -1,6 +1,61 @@
-"""Dtype policy shared by the launchers."""
+"""Dtype policy shared by the launchers: the base dots' input precision, and the adapter precision.
+
+Adapter precision (issue 9, "Fidelity"). PEFT keeps LoRA adapters in fp32 on a bf16/fp16 base
+(``autocast_adapter_dtype``) and runs ``lora_B(lora_A(dropout(x.float()))) * s`` as fp32 matmuls. With
+fp32 adapters and 16-bit x, the kernels' rank-r dots (shrink H = drop(X)·Aᵀ, the expand (s·H)·Bᵀ,
+dH = dY·B, dB = dYᵀ·H, dX's (dH·A) epilogue, dA = dHᵀ·drop(X)) run in one of two precisions:
+
+- ``"fp32"``: PEFT's precision. fp32 operands (the x/dY tile widened in registers, never an fp32 copy of
+  X in memory; H, dH and the adapters are fp32 already) with the input precision PEFT's fp32 matmul has
+  on that GPU: IEEE, or TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is on (:func:`dot_precision`).
+- ``"compute"``: adapter tiles, H and dH cast to x's dtype; 16-bit tensor-core dots. About one bf16 ulp
+  from PEFT on y and H, more on dA/dB.
+
+Only the rank-r dots change: the base GEMMs (X·Wᵀ, dY·W) stay 16-bit dots on tensor cores, and every
+accumulator is fp32 in both. Other adapter dtypes (bf16/fp16 adapters, fp32 x) are unaffected.
+
+Switch: :func:`set_adapter_precision` or the environment variable ``LORAFAST_ADAPTER_PRECISION``
+(read once, on the first launch; the call wins over the variable). Default: ``"compute"``.
+
+Why the default is ``"compute"`` (a static estimate; no GPU has run either variant). The extra work is
+in the rank-r dots only: 2·M·K·r FLOPs each (2·M·N·r for the expand, dH and dB), six per fwd+bwd, against
+two base GEMMs of 2·M·K·N. With torch's default (``allow_tf32`` off) PEFT's precision means IEEE fp32
+dots, which Triton compiles to FMA loops (no tensor cores); H100 peak rates: bf16 ~990 TFLOP/s dense,
+TF32 ~495, fp32 FMA ~67 (15× slower than bf16).
+
+- Epilogue dots (expand, dX) are serial after the GEMM's K loop: their cost relative to that GEMM is
+  (r/K)·(990/67) for IEEE — Llama 8192×4096→4096, r=16: 5.8% per GEMM; BERT 2048×768→768: 31% — and
+  (r/K)·2 for TF32: 0.8% and 4.2%.
+- Skinny passes (shrink, dH/dB, dA) are memory-bound in bf16 (they stream X or dY once: 67 MB at Llama,
+  20 µs at 3.35 TB/s); their IEEE dots need 16 µs (shrink, dA) and 32 µs (dH+dB, two dots) of FMA time at
+  peak, so dH/dB turns compute-bound (+12 µs) and the others are hidden only if the FMA loop overlaps
+  the loads perfectly.
+- Llama fwd+bwd at peak: base GEMMs 0.56 ms + skinny passes ~0.06 ms ≈ 0.62 ms; IEEE adds ≈ 32 µs
+  (epilogues) + ≥ 12 µs (dH/dB) ≈ 7% (more at the FMA efficiency Triton reaches); TF32 adds ≈ 2 µs (< 1%).
+- BERT fwd+bwd: ~10 µs of kernels; IEEE adds ≈ 4.5 µs of FMA work (~30–45%), TF32 ≈ 0.3 µs (~3%); the
+  layer is launch-bound there, so wall time moves less.
+
+IEEE "fp32" costs more than a few percent at both reference shapes, so it is opt-in; with TF32 enabled
+it is cheap (≈ 1–3%) and is a good choice for users who turn TF32 on. The compile gate
+(``benchmarks/fidelity_aot.py``) confirms the instruction mix (see the report there); measure on a GPU
+before changing the default.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
 
 import torch
+
+ADAPTER_PRECISIONS = ("fp32", "compute")
+ENV_VAR = "LORAFAST_ADAPTER_PRECISION"
+DEFAULT_ADAPTER_PRECISION = "compute"
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+# None until the first launch reads the environment; a module global so a launch pays one lookup,
+# not an os.environ read.
+_adapter_precision: Optional[str] = None
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -13,3 +68,39 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+def _checked(precision: object, source: str) -> str:
+    if precision not in ADAPTER_PRECISIONS:
+        raise ValueError(f"lorafast: {source} must be one of {ADAPTER_PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def set_adapter_precision(precision: str) -> None:
+    """Choose the rank-r dots' precision for fp32 adapters on fp16/bf16 x: ``"fp32"`` (PEFT's) or
+    ``"compute"`` (x's dtype, tensor cores). Applies to launches from now on; process-wide."""
+    global _adapter_precision
+    _adapter_precision = _checked(precision, "set_adapter_precision(precision)")
+
+
+def adapter_precision() -> str:
+    """The current adapter precision: set by :func:`set_adapter_precision`, else ``$LORAFAST_ADAPTER_PRECISION``
+    (read on the first call), else ``DEFAULT_ADAPTER_PRECISION``. A bad variable raises ValueError here."""
+    global _adapter_precision
+    if _adapter_precision is None:
+        value = os.environ.get(ENV_VAR, "").strip().lower() or DEFAULT_ADAPTER_PRECISION
+        _adapter_precision = _checked(value, f"${ENV_VAR}")
+    return _adapter_precision
+
+
+def lora_dot(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> Tuple[bool, str]:
+    """The ``(LORA_FP32, LORA_PRECISION)`` constexprs of a kernel's rank-r dots.
+
+    x_dtype: the activation (or dY) tile's dtype; adapter_dtype: the dtype of the adapter the dot
+    involves. LORA_FP32 is True when the dot runs on fp32 operands although x is 16-bit (fp32 adapters,
+    precision "fp32"); LORA_PRECISION is then PyTorch's fp32 matmul precision (:func:`dot_precision`).
+    When LORA_FP32 is False the kernels use their DOT_PRECISION and LORA_PRECISION is unused.
+    """
+    if adapter_dtype == torch.float32 and x_dtype in HALF_DTYPES and adapter_precision() == "fp32":
+        return True, dot_precision(torch.float32)
+    return False, "ieee"

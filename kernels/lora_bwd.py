@@ -7,7 +7,9 @@
                                       `cublas`: torch.mm, then dx_lora_add in place
     dA = dHᵀ·drop(X)       (r×K)   one pass over X, split over M, mask regenerated from the seed
 
-H is saved unscaled by 1/(1−p); callers pass that factor (h_factor) where H is consumed. Offsets are
+H is saved unscaled by 1/(1−p); callers pass that factor (h_factor) where H is consumed. The rank-r
+dots take dY/X, H, dH and the adapters in dY's dtype, or, with LORA_FP32 (fp32 adapters at adapter
+precision "fp32", kernels/dtypes.py), as fp32 operands widened in registers at LORA_PRECISION. Offsets are
 int64 (program ids and column offsets). Every atomic is `sem="relaxed"`: the sums are read only by
 later kernels in stream order, and the default acq_rel fences each element (MEMBAR.ALL.GPU on sm_90).
 """
@@ -23,7 +25,7 @@ import triton.language as tl
 from lorafast.kernels import alloc
 from lorafast.kernels.configs import DX, EPILOGUE, SKINNY, launch, m_bucket, rank_block, split_for
 from lorafast.kernels.dropout import dropout_col_keys, dropout_keep, dropout_row_keys, mask_threshold
-from lorafast.kernels.dtypes import dot_precision
+from lorafast.kernels.dtypes import dot_precision, lora_dot
 from lorafast.kernels.lora_fwd import grouped_tile
 
 
@@ -35,6 +37,7 @@ def lora_grad_h_kernel(
     h_factor,
     NEED_DB_LORA: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    LORA_FP32: tl.constexpr = False, LORA_PRECISION: tl.constexpr = "ieee",
 ):
     """dH (M×R, fp32, scaled by s), dB (N×R) and db (N) accumulated into zeroed fp32 buffers.
 
@@ -47,10 +50,11 @@ def lora_grad_h_kernel(
     mask_m = offs_m < M
     mask_r = offs_r < R
     scale = tl.load(scale_ptr).to(tl.float32)
-    dot_dtype = dy_ptr.dtype.element_ty
+    lora_dtype = tl.float32 if LORA_FP32 else dy_ptr.dtype.element_ty
+    lora_precision = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
     if NEED_DB_LORA:
         h = tl.load(h_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        h_scaled = (h * (scale * h_factor)).to(dot_dtype)
+        h_scaled = (h * (scale * h_factor)).to(lora_dtype)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(tl.program_id(1) * BLOCK_N, N, BLOCK_N * split):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -63,9 +67,10 @@ def lora_grad_h_kernel(
             b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
             mask=mask_n[:, None] & mask_r[None, :], other=0.0,
         )
-        acc = tl.dot(dy, b.to(dot_dtype), acc, input_precision=DOT_PRECISION)
+        dy_lora = dy.to(lora_dtype)
+        acc = tl.dot(dy_lora, b.to(lora_dtype), acc, input_precision=lora_precision)
         if NEED_DB_LORA:
-            part = tl.dot(tl.trans(dy), h_scaled, input_precision=DOT_PRECISION)
+            part = tl.dot(tl.trans(dy_lora), h_scaled, input_precision=lora_precision)
             tl.atomic_add(
                 db_lora_ptr + offs_n[:, None] * R + offs_r[None, :], part,
                 mask=mask_n[:, None] & mask_r[None, :], sem="relaxed",
@@ -86,6 +91,7 @@ def dx_with_lora_epilogue_kernel(
     mask_threshold, inv_keep,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    LORA_FP32: tl.constexpr = False, LORA_PRECISION: tl.constexpr = "ieee",
 ):
     """dX[M, K] = dY·W + keep ⊙ (dH·A)·inv_keep.
 
@@ -111,7 +117,8 @@ def dx_with_lora_epilogue_kernel(
             mask=mask_j[:, None] & mask_c[None, :], other=0.0,
         )
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
-    dot_dtype = dy_ptr.dtype.element_ty
+    lora_dtype = tl.float32 if LORA_FP32 else dy_ptr.dtype.element_ty
+    lora_precision = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
     dh = tl.load(
         dh_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0
     )
@@ -119,7 +126,7 @@ def dx_with_lora_epilogue_kernel(
         a_ptr + offs_r[:, None] * stride_ar + offs_c[None, :] * stride_ak,
         mask=(offs_r[:, None] < R) & mask_c[None, :], other=0.0,
     )
-    lora = tl.dot(dh.to(dot_dtype), a.to(dot_dtype), input_precision=DOT_PRECISION)
+    lora = tl.dot(dh.to(lora_dtype), a.to(lora_dtype), input_precision=lora_precision)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
         keep = dropout_keep(dropout_row_keys(seed, offs_m), dropout_col_keys(seed, offs_c), mask_threshold)
@@ -139,6 +146,7 @@ def dx_lora_add_kernel(
     mask_threshold, inv_keep,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    LORA_FP32: tl.constexpr = False, LORA_PRECISION: tl.constexpr = "ieee",
 ):
     """dX[M, K] += keep ⊙ (dH·A)·inv_keep in place (dX from cuBLAS: dY·W); BLOCK_N tiles dX's columns."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -146,7 +154,8 @@ def dx_lora_add_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     mask_c = offs_c < K
-    dot_dtype = dx_ptr.dtype.element_ty
+    lora_dtype = tl.float32 if LORA_FP32 else dx_ptr.dtype.element_ty
+    lora_precision = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
     dh = tl.load(
         dh_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0
     )
@@ -154,7 +163,7 @@ def dx_lora_add_kernel(
         a_ptr + offs_r[:, None] * stride_ar + offs_c[None, :] * stride_ak,
         mask=(offs_r[:, None] < R) & mask_c[None, :], other=0.0,
     )
-    lora = tl.dot(dh.to(dot_dtype), a.to(dot_dtype), input_precision=DOT_PRECISION)
+    lora = tl.dot(dh.to(lora_dtype), a.to(lora_dtype), input_precision=lora_precision)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
         keep = dropout_keep(dropout_row_keys(seed, offs_m), dropout_col_keys(seed, offs_c), mask_threshold)
@@ -162,7 +171,7 @@ def dx_lora_add_kernel(
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_c[None, :] * stride_dxk
     tile = mask_m[:, None] & mask_c[None, :]
     acc = tl.load(dx_ptrs, mask=tile, other=0.0).to(tl.float32) + lora
-    tl.store(dx_ptrs, acc.to(dot_dtype), mask=tile)
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=tile)
 
 
 @triton.jit(do_not_specialize=["mask_threshold"])
@@ -173,6 +182,7 @@ def lora_grad_a_kernel(
     mask_threshold, inv_keep,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    LORA_FP32: tl.constexpr = False, LORA_PRECISION: tl.constexpr = "ieee",
 ):
     """dA[R, K] (fp32, zeroed by the caller) += dHᵀ·drop(X) over the M tiles i, i + S, … of program
     (k, i) (S = programs along axis 1)."""
@@ -181,7 +191,8 @@ def lora_grad_a_kernel(
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     mask_k = offs_k < K
-    dot_dtype = x_ptr.dtype.element_ty
+    lora_dtype = tl.float32 if LORA_FP32 else x_ptr.dtype.element_ty
+    lora_precision = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
         col_keys = dropout_col_keys(seed, offs_k)
@@ -199,7 +210,7 @@ def lora_grad_a_kernel(
             dh_ptr + offs_r[:, None] + offs_m[None, :] * R,
             mask=(offs_r[:, None] < R) & mask_m[None, :], other=0.0,
         )
-        acc = tl.dot(dh.to(dot_dtype), x, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(dh.to(lora_dtype), x.to(lora_dtype), acc, input_precision=lora_precision)
     tl.atomic_add(
         da_ptr + offs_r[:, None] * K + offs_k[None, :], acc * inv_keep,
         mask=(offs_r[:, None] < R) & mask_k[None, :], sem="relaxed",
@@ -227,6 +238,7 @@ def lora_grad_h(
     dh = torch.zeros((M, R), dtype=torch.float32, device=dev)
     db_lora = torch.zeros((N, R), dtype=torch.float32, device=dev) if need_db_lora else None
     dbias = torch.zeros((N,), dtype=torch.float32, device=dev) if need_dbias else None
+    lora_fp32, lora_precision = lora_dot(grad_y.dtype, lora_b.dtype)
 
     def grid(meta):
         m_tiles = triton.cdiv(M, meta["BLOCK_M"])
@@ -237,12 +249,12 @@ def lora_grad_h(
         (grad_y, lora_b, h, scaling, dh, db_lora if need_db_lora else dh, dbias if need_dbias else dh,
          M, N, R, m_bucket(M),
          grad_y.stride(0), grad_y.stride(1), lora_b.stride(0), lora_b.stride(1), float(h_factor)),
-        key=("M_BUCKET", "N"),
+        key=("M_BUCKET", "N", "LORA_FP32"),
         reset_to_zero=("dh_ptr",) + tuple(
             name for name, on in (("db_lora_ptr", need_db_lora), ("dbias_ptr", need_dbias)) if on
         ),
         NEED_DB_LORA=need_db_lora, NEED_DBIAS=need_dbias, DOT_PRECISION=dot_precision(grad_y.dtype),
-        BLOCK_R=rank_block(R),
+        BLOCK_R=rank_block(R), LORA_FP32=lora_fp32, LORA_PRECISION=lora_precision,
         fp32=grad_y.dtype == torch.float32,
     )
     return dh, db_lora, dbias
@@ -267,6 +279,7 @@ def dx_with_lora_epilogue(
     R = lora_a.shape[0]
     dx = alloc.empty((M, K), grad_y.dtype, grad_y.device)
     has_dropout = dropout_p > 0.0
+    lora_fp32, lora_precision = lora_dot(grad_y.dtype, lora_a.dtype)
     launch(
         dx_with_lora_epilogue_kernel, DX, grad_y.device,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
@@ -274,8 +287,9 @@ def dx_with_lora_epilogue(
          grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
          lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
          mask_threshold(dropout_p), 1.0 / (1.0 - dropout_p)),
+        key=("M_BUCKET", "N", "K", "LORA_FP32"),
         HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(grad_y.dtype), BLOCK_R=rank_block(R), GROUP_M=8,
-        fp32=grad_y.dtype == torch.float32,
+        LORA_FP32=lora_fp32, LORA_PRECISION=lora_precision, fp32=grad_y.dtype == torch.float32,
     )
     return dx
 
@@ -291,28 +305,37 @@ def dx_lora_add(
     M, K = dx.shape
     R = lora_a.shape[0]
     has_dropout = dropout_p > 0.0
+    lora_fp32, lora_precision = lora_dot(dx.dtype, lora_a.dtype)
     launch(
         dx_lora_add_kernel, EPILOGUE, dx.device,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"])),
         (dx, dh, lora_a, seed if has_dropout else dh, M, K, R, m_bucket(M),
          dx.stride(0), dx.stride(1), lora_a.stride(0), lora_a.stride(1),
          mask_threshold(dropout_p), 1.0 / (1.0 - dropout_p)),
-        key=("M_BUCKET", "K"), restore=("dx_ptr",),
+        key=("M_BUCKET", "K", "LORA_FP32"), restore=("dx_ptr",),
         HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(dx.dtype), BLOCK_R=rank_block(R),
-        fp32=dx.dtype == torch.float32,
+        LORA_FP32=lora_fp32, LORA_PRECISION=lora_precision, fp32=dx.dtype == torch.float32,
     )
     return dx
 
 
-def lora_grad_a(x: torch.Tensor, dh: torch.Tensor, seed: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
+def lora_grad_a(
+    x: torch.Tensor,
+    dh: torch.Tensor,
+    seed: Optional[torch.Tensor],
+    dropout_p: float,
+    adapter_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """dA = dHᵀ·drop(X), dropout mask regenerated from ``seed``.
 
-    x: (M, K) any strides; dh: (M, r) fp32 contiguous. Returns dA: (r, K) fp32.
+    x: (M, K) any strides; dh: (M, r) fp32 contiguous; adapter_dtype: lora_a's dtype (with the adapter
+    precision, it decides whether the dot runs on fp32 operands, kernels/dtypes.py). Returns dA: (r, K) fp32.
     """
     M, K = x.shape
     R = dh.shape[1]
     da = torch.zeros((R, K), dtype=torch.float32, device=x.device)  # programs accumulate into it
     has_dropout = dropout_p > 0.0
+    lora_fp32, lora_precision = lora_dot(x.dtype, adapter_dtype)
 
     def grid(meta):
         k_tiles = triton.cdiv(K, meta["BLOCK_K"])
@@ -322,9 +345,9 @@ def lora_grad_a(x: torch.Tensor, dh: torch.Tensor, seed: Optional[torch.Tensor],
         lora_grad_a_kernel, SKINNY, x.device, grid,
         (x, dh, seed if has_dropout else dh, da, M, K, R, m_bucket(M), x.stride(0), x.stride(1),
          mask_threshold(dropout_p), 1.0 / (1.0 - dropout_p)),
-        key=("M_BUCKET", "K"), reset_to_zero=("da_ptr",),
+        key=("M_BUCKET", "K", "LORA_FP32"), reset_to_zero=("da_ptr",),
         HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(R),
-        fp32=x.dtype == torch.float32,
+        LORA_FP32=lora_fp32, LORA_PRECISION=lora_precision, fp32=x.dtype == torch.float32,
     )
     return da
 

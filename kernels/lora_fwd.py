@@ -6,10 +6,11 @@
 - `lora_expand_add` (`cublas`): Y += s·H·Bᵀ in place on cuBLAS's Y = X·Wᵀ + b.
 
 Dtype rules: X/W tiles stay in their storage dtype so tl.dot runs on tensor cores; adapter tiles
-(possibly fp32 while X is bf16 — PEFT upcasts adapters) are cast to X's dtype right before the dot;
-every accumulator and elementwise step is fp32 (the interpreter's bf16 arithmetic is wrong, and
-fp32 is what we want on the GPU anyway). Column offsets are int64 (a strided x or W past 2³¹
-elements would overflow int32 offsets), program ids too.
+(possibly fp32 while X is bf16 — PEFT upcasts adapters) are cast to X's dtype right before the rank-r
+dot, or, with LORA_FP32 (adapter precision "fp32", kernels/dtypes.py), the rank-r dot runs on fp32
+operands (X's tile widened in registers) at LORA_PRECISION; every accumulator and elementwise step
+is fp32 (the interpreter's bf16 arithmetic is wrong, and fp32 is what we want on the GPU anyway).
+Column offsets are int64 (a strided x or W past 2³¹ elements would overflow int32 offsets), program ids too.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import triton.language as tl
 from lorafast.kernels import alloc
 from lorafast.kernels.configs import EPILOGUE, GEMM, SKINNY, launch, m_bucket, rank_block, split_for
 from lorafast.kernels.dropout import dropout_col_keys, dropout_keep, dropout_row_keys, mask_threshold
-from lorafast.kernels.dtypes import dot_precision
+from lorafast.kernels.dtypes import dot_precision, lora_dot
 
 
 @triton.jit
@@ -48,6 +49,7 @@ def lora_shrink_kernel(
     mask_threshold,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    LORA_FP32: tl.constexpr = False, LORA_PRECISION: tl.constexpr = "ieee",
 ):
     """H[M, R] (fp32, zeroed by the caller) += drop(X)[M, K-slice] · A[R, K-slice]ᵀ.
 
@@ -60,6 +62,8 @@ def lora_shrink_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    lora_dtype = tl.float32 if LORA_FP32 else x_ptr.dtype.element_ty
+    lora_precision = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
         row_keys = dropout_row_keys(seed, offs_m)
@@ -77,7 +81,7 @@ def lora_shrink_kernel(
             a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
             mask=(offs_r[None, :] < R) & mask_k[:, None], other=0.0,
         )
-        acc = tl.dot(x, a.to(x.dtype), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(x.to(lora_dtype), a.to(lora_dtype), acc, input_precision=lora_precision)
     # Relaxed: the sum is read only by later kernels (stream order), so no fence is needed (the default
     # acq_rel compiles to MEMBAR.ALL.GPU + CCTL.IVALL around every element on sm_90).
     tl.atomic_add(
@@ -95,6 +99,7 @@ def lora_expand_gemm_kernel(
     h_factor,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    LORA_FP32: tl.constexpr = False, LORA_PRECISION: tl.constexpr = "ieee",
 ):
     """Y[M, N] = X·Wᵀ + b + (s·h_factor·H)·Bᵀ; the rank-r product is an epilogue dot on the tile."""
     tile_m, tile_n = grouped_tile(tl.program_id(0).to(tl.int64), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -125,8 +130,9 @@ def lora_expand_gemm_kernel(
         b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
         mask=mask_n[None, :] & (offs_r[:, None] < R), other=0.0,
     )
-    dot_dtype = x_ptr.dtype.element_ty
-    acc = tl.dot((h * scale).to(dot_dtype), b.to(dot_dtype), acc, input_precision=DOT_PRECISION)
+    lora_dtype = tl.float32 if LORA_FP32 else x_ptr.dtype.element_ty
+    lora_precision = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
+    acc = tl.dot((h * scale).to(lora_dtype), b.to(lora_dtype), acc, input_precision=lora_precision)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(
@@ -143,6 +149,7 @@ def lora_expand_add_kernel(
     h_factor,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    LORA_FP32: tl.constexpr = False, LORA_PRECISION: tl.constexpr = "ieee",
 ):
     """Y[M, N] += (s·h_factor·H)·Bᵀ in place (Y from cuBLAS: X·Wᵀ + b, in Y's dtype)."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -160,10 +167,11 @@ def lora_expand_add_kernel(
     )
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tile = mask_m[:, None] & mask_n[None, :]
-    dot_dtype = y_ptr.dtype.element_ty
+    lora_dtype = tl.float32 if LORA_FP32 else y_ptr.dtype.element_ty
+    lora_precision = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
     acc = tl.load(y_ptrs, mask=tile, other=0.0).to(tl.float32)
-    acc = tl.dot((h * scale).to(dot_dtype), b.to(dot_dtype), acc, input_precision=DOT_PRECISION)
-    tl.store(y_ptrs, acc.to(dot_dtype), mask=tile)
+    acc = tl.dot((h * scale).to(lora_dtype), b.to(lora_dtype), acc, input_precision=lora_precision)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=tile)
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
@@ -176,6 +184,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: Optional[torch.Tens
     R = lora_a.shape[0]
     h = torch.zeros((M, R), dtype=torch.float32, device=x.device)  # programs accumulate into it
     has_dropout = dropout_p > 0.0
+    lora_fp32, lora_precision = lora_dot(x.dtype, lora_a.dtype)
 
     def grid(meta):
         m_tiles = triton.cdiv(M, meta["BLOCK_M"])
@@ -185,9 +194,9 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: Optional[torch.Tens
         lora_shrink_kernel, SKINNY, x.device, grid,
         (x, lora_a, h, seed if has_dropout else h, M, K, R, m_bucket(M),
          x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), mask_threshold(dropout_p)),
-        key=("M_BUCKET", "K"), reset_to_zero=("h_ptr",),
+        key=("M_BUCKET", "K", "LORA_FP32"), reset_to_zero=("h_ptr",),
         HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(R),
-        fp32=x.dtype == torch.float32,
+        LORA_FP32=lora_fp32, LORA_PRECISION=lora_precision, fp32=x.dtype == torch.float32,
     )
     return h
 
@@ -210,14 +219,16 @@ def lora_expand_gemm(
     N = weight.shape[0]
     R = h.shape[1]
     y = alloc.empty((M, N), x.dtype, x.device)
+    lora_fp32, lora_precision = lora_dot(x.dtype, lora_b.dtype)
     launch(
         lora_expand_gemm_kernel, GEMM, x.device,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
         (x, weight, bias if bias is not None else y, h, lora_b, scaling, y, M, N, K, R, m_bucket(M),
          x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
          lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1), float(h_factor)),
+        key=("M_BUCKET", "N", "K", "LORA_FP32"),
         HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(R), GROUP_M=8,
-        fp32=x.dtype == torch.float32,
+        LORA_FP32=lora_fp32, LORA_PRECISION=lora_precision, fp32=x.dtype == torch.float32,
     )
     return y
 
@@ -232,14 +243,16 @@ def lora_expand_add(
     """
     M, N = y.shape
     R = h.shape[1]
+    lora_fp32, lora_precision = lora_dot(y.dtype, lora_b.dtype)
     launch(
         lora_expand_add_kernel, EPILOGUE, y.device,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"])),
         (y, h, lora_b, scaling, M, N, R, m_bucket(M), y.stride(0), y.stride(1),
          lora_b.stride(0), lora_b.stride(1), float(h_factor)),
-        key=("M_BUCKET", "N"),
+        key=("M_BUCKET", "N", "LORA_FP32"),
         # Autotune runs every config on the same y: restore it between trials, or Y gets the update twice.
         restore=("y_ptr",),
-        DOT_PRECISION=dot_precision(y.dtype), BLOCK_R=rank_block(R), fp32=y.dtype == torch.float32,
+        DOT_PRECISION=dot_precision(y.dtype), BLOCK_R=rank_block(R),
+        LORA_FP32=lora_fp32, LORA_PRECISION=lora_precision, fp32=y.dtype == torch.float32,
     )
     return y

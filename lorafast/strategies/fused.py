@@ -52,5 +52,5 @@ def backward(
     h_factor = 1.0 / (1.0 - dropout_p)
     dh, db_lora, dbias = lora_grad_h(grad_y, lora_b, h, scaling, h_factor, need_db_lora, need_dbias)
     dx = dx_with_lora_epilogue(grad_y, weight, dh, lora_a, seed, dropout_p) if need_dx else None
-    da = lora_grad_a(x, dh, seed, dropout_p) if need_da else None
+    da = lora_grad_a(x, dh, seed, dropout_p, lora_a.dtype) if need_da else None
     return dx, da, db_lora, dbias
