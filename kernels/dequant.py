@@ -1,0 +1,146 @@
+"""bitsandbytes 4-bit (NF4 / FP4) weight dequantization in Triton, bit-exact with
+``bitsandbytes.functional.dequantize_4bit``.
+
+Storage (bitsandbytes ``Params4bit`` + ``QuantState``): the N×K weight, flattened row-major, is cut into
+blocks of ``blocksize`` consecutive elements (a block may span two rows when K is not a multiple of it);
+element i is ``code[nibble_i] · absmax[i // blocksize]``, where byte j holds element 2j in its high nibble
+and element 2j+1 in its low nibble, and ``code`` is the 16-entry NF4 or FP4 table (fp32). With double
+quantization ("nested", ``compress_statistics=True``) ``absmax`` itself is stored as uint8 codes of an 8-bit
+blockwise quantization: absmax[b] = code2[qabsmax[b]] · absmax2[b // blocksize2] + offset.
+
+Bit-exactness: bitsandbytes computes the nested absmax as one fp32 product, then adds the offset in a second
+pass, then one fp32 product per element rounded once to the output dtype. The kernel does the same operations
+in the same order, and is launched with ``enable_fp_fusion=False`` so the GPU compiler cannot contract the
+product and the offset into one FMA (which rounds once instead of twice and would differ in the last bit).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from lorafast.kernels.configs import EPILOGUE, gpu_configs, launch
+
+OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def dequant_4bit_kernel(
+    packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, out_ptr,
+    numel, blocksize, nested_blocksize,
+    NESTED: tl.constexpr, OUT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[i] = code[nibble(i)] · absmax(i // blocksize) for i < numel (flat), in out's dtype.
+
+    A program owns BLOCK_M·BLOCK_N consecutive elements (the shared EPILOGUE config table names the tile;
+    BLOCK_K is unused). The 16-entry code table and the absmax entries are gathered per element: they
+    are tiny and stay in L1/L2.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M * BLOCK_N).to(tl.int64)
+    mask = offs < numel
+    byte = tl.load(packed_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
+    nibble = tl.where(offs % 2 == 0, byte >> 4, byte & 15)
+    value = tl.load(code_ptr + nibble, mask=mask, other=0.0).to(tl.float32)
+    block = offs // blocksize
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_code_ptr + q, mask=mask, other=0.0).to(tl.float32) * tl.load(
+            nested_absmax_ptr + block // nested_blocksize, mask=mask, other=0.0
+        ).to(tl.float32)
+        scale = scale + tl.load(offset_ptr).to(tl.float32)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0).to(tl.float32)
+    result = value * scale
+    if OUT_BF16:
+        # Round to nearest even by hand into an int16 view of the bf16 output: Triton's interpreter casts
+        # fp32 → bf16 by truncation (off by one ulp against bitsandbytes and torch), the GPU by RNE; this
+        # gives RNE on both. No NaN/inf can occur (finite codes times finite absmax).
+        bits = result.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        tl.store(out_ptr + offs, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    else:
+        tl.store(out_ptr + offs, result.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def code_table(quant_type: str, code: torch.Tensor) -> torch.Tensor:
+    """The 16-entry fp32 table the kernel gathers from, as bitsandbytes' own dequant kernels use it.
+
+    code: ``QuantState.code``. For FP4 bitsandbytes' kernels compute the value from the sign bit, so
+    nibble 8 is −0.0, while ``QuantState.code`` stores +0.0 there: the sign is restored here.
+    """
+    if quant_type == "nf4":
+        return code
+    if quant_type == "fp4":
+        signs = torch.arange(16, device=code.device) >= 8
+        return torch.where(signs, -code.abs(), code)
+    raise ValueError(f"code_table: quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    nested_absmax: Optional[torch.Tensor] = None,
+    nested_code: Optional[torch.Tensor] = None,
+    nested_blocksize: int = 256,
+    offset: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Dequantize a bitsandbytes 4-bit weight: a new ``shape`` tensor in ``dtype`` on packed's device.
+
+    packed: the ``Params4bit`` data, any shape/storage dtype, ``ceil(numel/2)`` bytes, contiguous.
+    absmax: (ceil(numel/blocksize),) fp32, or uint8 codes when nested. code: (16,) fp32 NF4/FP4 table.
+    Nested (double quant): nested_absmax (ceil(len(absmax)/nested_blocksize),) fp32, nested_code (256,) fp32,
+    offset: a one-element fp32 tensor. dtype: fp32, fp16 or bf16.
+    """
+    if dtype not in OUT_DTYPES:
+        raise ValueError(f"dequantize_4bit: dtype must be one of {OUT_DTYPES}, got {dtype}")
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    packed_u8 = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    if packed_u8.numel() != (numel + 1) // 2:
+        raise ValueError(f"dequantize_4bit: packed has {packed_u8.numel()} bytes, expected {(numel + 1) // 2} "
+                         f"for shape {tuple(shape)}")
+    out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
+    if numel == 0:
+        return out
+    out_view = out.view(torch.int16) if dtype == torch.bfloat16 else out
+    nested = nested_absmax is not None
+    offset_t = offset.reshape(1).float() if nested else absmax  # an unused pointer when not nested
+    launch(
+        dequant_4bit_kernel, EPILOGUE, packed.device,
+        lambda meta: (triton.cdiv(numel, meta["BLOCK_M"] * meta["BLOCK_N"]),),
+        (packed_u8, absmax, code, nested_code if nested else absmax, nested_absmax if nested else absmax,
+         offset_t, out_view, numel, int(blocksize), int(nested_blocksize)),
+        key=("numel",),
+        NESTED=nested,
+        OUT_BF16=dtype == torch.bfloat16,
+        enable_fp_fusion=False,
+    )
+    return out
+
+
+def aot_entries(arch: int) -> List:
+    """The dequant kernel's compile-gate entries for compute capability ``arch`` (plain and nested absmax,
+    bf16 output; fp16/fp32 outputs differ only in the final store)."""
+    from lorafast.kernels.registry import AotEntry
+
+    entries = []
+    for nested in (False, True):
+        signature = {
+            "packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32",
+            "nested_code_ptr": "*fp32", "nested_absmax_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*i16",
+            "numel": "i32:16", "blocksize": "i32:16", "nested_blocksize": "i32:16",
+        }
+        name = "dequant_4bit[nested]" if nested else "dequant_4bit"
+        entries.append(AotEntry(name, dequant_4bit_kernel, signature, {"NESTED": nested, "OUT_BF16": True},
+                                gpu_configs(EPILOGUE, arch), False, arch, "bf16"))
+    return entries

@@ -1,0 +1,436 @@
+"""QLoRA: PEFT's bitsandbytes 4-bit LoRA layers (``peft.tuners.lora.bnb.Linear4bit``) on the fused path.
+
+:class:`FusedLoraLinear4bit` overrides only ``forward`` of PEFT's class and computes
+
+    Y = x·dequant(W)ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ
+
+with one ``torch.autograd.Function`` (:class:`QLoraFunction`) that dequantizes the NF4/FP4 weight to a
+transient N×K buffer and hands it to a strategy of :mod:`lorafast.strategies` as ``weight`` (one place for
+the LoRA math). Backward dequantizes W again for dX: the dequantized weight is never saved; saved for
+backward are x, H (M×r fp32), the seed and the packed 4-bit storage with its quant-state tensors (already
+alive as the layer's parameter and buffers; N·K/2 bytes, no N×K tensor).
+
+Dequantization: on CPU ``bitsandbytes.functional.dequantize_4bit`` (bitsandbytes' reference); on CUDA, and
+on CPU under the Triton interpreter for an explicit Triton strategy, :func:`lorafast.kernels.dequant.
+dequantize_4bit`, bit-exact with it. On CUDA ``backend="auto"`` picks the LoRA strategy that follows the
+dequant (``cublas``, ``fused``, ``aten``) with :mod:`lorafast.dispatch` under the key op "nf4"/"fp4".
+
+The quant state is read on every call, never cached: bitsandbytes' CPU path repacks a 4-bit weight on its
+first inference forward (``packing_format_for_cpu``; the absmax changes shape and dtype).
+
+Numerics follow bitsandbytes' ``Linear4bit.forward``: x is cast to the layer's compute dtype (set from the
+first input as bitsandbytes does), the bias too, and the result is cast back to x's dtype. The LoRA branch
+runs in the compute dtype, with fp32 adapters read as fp32 (PEFT runs it in the adapter dtype: the same
+within the compute dtype's tolerance).
+
+Falls back to PEFT's forward (``super().forward``), quietly: disabled/merged adapters, ``adapter_names``,
+no active adapter, empty or meta inputs. With one warning per reason: LoRA variants (DoRA, ...), hooks,
+extra forward arguments, ``torch.autocast``, several active adapters with dropout, mismatched
+dtypes/devices, dropout p = 1, a base layer that is not exactly ``bnb.nn.Linear4bit``, the CPU inference
+packing above, and a quant state that is missing or inconsistent (unknown quant_type, wrong absmax length,
+shape mismatch) — never a crash deep in a kernel.
+
+Importing this module raises ImportError when bitsandbytes (or PEFT's bnb layers) is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
+
+import bitsandbytes as bnb
+import torch
+from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+from torch import nn
+
+from lorafast import strategies
+from lorafast.functional import _dropout_seed, scale_tensor
+from lorafast.peft import (
+    _BACKEND_ATTR,
+    _NAME_ATTR,
+    _Fallback,
+    _fold_lora_bias,
+    _has_global_hooks,
+    _has_hooks,
+    _report_fallback,
+)
+
+logger = logging.getLogger(__name__)
+
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# What follows the dequant on CUDA when the dispatcher must not time (compile tracing, graph capture).
+DEFAULT_CUDA = "cublas"
+# Expected module states where PEFT's forward is the right thing: a debug log line, no warning.
+_QUIET_REASONS = frozenset(
+    {"adapters disabled", "adapters merged", "adapter_names mixed batch", "no active adapter on this layer",
+     "meta tensors", "empty input"}
+)
+# Forward keywords PEFT pops before calling the base layer (as lorafast.peft).
+_IGNORED_KWARGS = frozenset({"adapter_names", *VARIANT_KWARG_KEYS})
+
+
+class QuantSnapshot(NamedTuple):
+    """A 4-bit weight's storage as read at call time (tensors are the layer's own, not copies)."""
+
+    packed: torch.Tensor  # uint8 view of Params4bit data, ceil(N·K/2) bytes
+    absmax: torch.Tensor  # (blocks,) fp32, or uint8 codes when nested
+    code: torch.Tensor  # (16,) fp32, bitsandbytes' table
+    nested_absmax: Optional[torch.Tensor]  # (ceil(blocks / nested_blocksize),) fp32, or None
+    nested_code: Optional[torch.Tensor]  # (256,) fp32, or None
+    offset: Optional[torch.Tensor]  # 0-dim/1-element fp32, or None
+    blocksize: int
+    nested_blocksize: int
+    quant_type: str
+    shape: Tuple[int, int]  # (N, K)
+    dtype: torch.dtype  # the dtype bitsandbytes dequantizes to (the original weight's)
+
+    def tensors(self) -> Tuple[torch.Tensor, ...]:
+        return tuple(t for t in (self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code,
+                                 self.offset) if t is not None)
+
+    def with_tensors(self, tensors: Tuple[torch.Tensor, ...]) -> QuantSnapshot:
+        """The same snapshot with its tensors replaced (by saved-for-backward unpacks)."""
+        it = iter(tensors)
+        nested = self.nested_absmax is not None
+        packed, absmax, code = next(it), next(it), next(it)
+        nested_absmax, nested_code, offset = (next(it), next(it), next(it)) if nested else (None, None, None)
+        return self._replace(packed=packed, absmax=absmax, code=code, nested_absmax=nested_absmax,
+                             nested_code=nested_code, offset=offset)
+
+
+def read_quant_state(base: nn.Module) -> Union[QuantSnapshot, _Fallback]:
+    """The 4-bit storage of a ``bnb.nn.Linear4bit``, checked for consistency, or why it cannot be used."""
+    weight = base.weight
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        state = getattr(base, "quant_state", None)
+    if not isinstance(weight, bnb.nn.Params4bit) or state is None:
+        return _Fallback("4-bit weight without a quant state", type(weight).__name__)
+    if getattr(state, "packing_format_for_cpu", False):
+        return _Fallback("bitsandbytes repacked this weight for CPU inference (packing_format_for_cpu)")
+    quant_type = getattr(state, "quant_type", None)
+    if quant_type not in QUANT_TYPES:
+        return _Fallback("unknown 4-bit quant_type", repr(quant_type))
+    N, K = base.out_features, base.in_features
+    shape = tuple(int(s) for s in getattr(state, "shape", ()) or ())
+    if shape != (N, K):
+        return _Fallback("quant state shape differs from the layer", f"{shape} vs {(N, K)}")
+    numel = N * K
+    data = weight.data
+    packed = data.reshape(-1) if data.dtype == torch.uint8 else data.reshape(-1).view(torch.uint8)
+    if packed.numel() != (numel + 1) // 2 or not packed.is_contiguous():
+        return _Fallback("4-bit storage size differs from the layer", f"{packed.numel()} bytes for {N}×{K}")
+    blocksize = int(getattr(state, "blocksize", 0) or 0)
+    absmax, code = getattr(state, "absmax", None), getattr(state, "code", None)
+    if blocksize <= 0 or absmax is None or code is None or code.numel() != 16:
+        return _Fallback("incomplete quant state (blocksize/absmax/code)")
+    blocks = -(-numel // blocksize)
+    if absmax.numel() != blocks:
+        return _Fallback("wrong absmax length", f"{absmax.numel()} entries, expected {blocks}")
+    nested_absmax = nested_code = offset = None
+    nested_blocksize = 256
+    if getattr(state, "nested", False):
+        state2 = getattr(state, "state2", None)
+        offset = getattr(state, "offset", None)
+        if state2 is None or offset is None or state2.absmax is None or state2.code is None:
+            return _Fallback("incomplete nested quant state (state2/offset)")
+        nested_blocksize = int(state2.blocksize)
+        if absmax.dtype != torch.uint8 or state2.code.numel() != 256 or \
+                state2.absmax.numel() != -(-blocks // max(nested_blocksize, 1)):
+            return _Fallback("wrong nested absmax length", f"{state2.absmax.numel()} entries")
+        nested_absmax, nested_code = state2.absmax, state2.code
+        offset = offset if isinstance(offset, torch.Tensor) else torch.tensor(float(offset), device=absmax.device)
+    elif absmax.dtype != torch.float32:
+        return _Fallback("absmax is not float32", str(absmax.dtype))
+    if getattr(state, "dtype", None) not in COMPUTE_DTYPES:
+        return _Fallback("quant state dtype is not fp16/bf16/fp32", str(getattr(state, "dtype", None)))
+    return QuantSnapshot(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                         quant_type, (N, K), state.dtype)
+
+
+def dequantize(snap: QuantSnapshot, dtype: torch.dtype, use_triton: bool) -> torch.Tensor:
+    """W (N, K) in ``dtype``, exactly as bitsandbytes' ``dequantize_4bit(...).to(dtype)``.
+
+    use_triton: the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1) instead of bitsandbytes' op.
+    Dequantizing straight to ``dtype`` rounds once, like dequantizing to fp32 and casting; from a 16-bit
+    state dtype to another dtype bitsandbytes rounds twice, and so does this.
+    """
+    direct = snap.dtype == dtype or snap.dtype == torch.float32
+    out_dtype = dtype if direct else snap.dtype
+    if use_triton:
+        from lorafast.kernels.dequant import code_table, dequantize_4bit
+
+        weight = dequantize_4bit(snap.packed, snap.absmax, code_table(snap.quant_type, snap.code), snap.blocksize,
+                                 snap.shape, out_dtype, snap.nested_absmax, snap.nested_code,
+                                 snap.nested_blocksize, snap.offset)
+    else:
+        state2 = None
+        if snap.nested_absmax is not None:
+            state2 = bnb.functional.QuantState(absmax=snap.nested_absmax, code=snap.nested_code,
+                                               blocksize=snap.nested_blocksize, dtype=torch.float32)
+        state = bnb.functional.QuantState(absmax=snap.absmax, shape=torch.Size(snap.shape), code=snap.code,
+                                          blocksize=snap.blocksize, quant_type=snap.quant_type, dtype=out_dtype,
+                                          offset=snap.offset, state2=state2)
+        weight = bnb.functional.dequantize_4bit(snap.packed, state)
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+class QLoraFunction(torch.autograd.Function):
+    """y = x·dequant(W)ᵀ + b + s/(1−p)·H·Bᵀ with the strategy's fused backward; W dequantized in both passes.
+
+    forward(x (M, K) compute dtype, bias (N,) or None, lora_a (r, K), lora_b (N, r), scale 0-dim, seed,
+    dropout_p, strategy name, use_triton_dequant, QuantSnapshot, *snapshot tensors) → y (M, N).
+    The snapshot tensors are inputs so they are saved (and version-checked) like any saved tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, lora_a, lora_b, scale, seed, dropout_p, strategy, use_triton, snap, *quant):
+        weight = dequantize(snap, x.dtype, use_triton)
+        y, h = strategies.get(strategy).forward(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p)
+        del weight  # transient: freed before backward, rebuilt there
+        ctx.save_for_backward(x, lora_a, lora_b, h, scale, seed, *quant)
+        ctx.snap, ctx.dropout_p, ctx.strategy, ctx.use_triton = snap, dropout_p, strategy, use_triton
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.set_materialize_grads(False)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, lora_a, lora_b, h, scale, seed, *quant = ctx.saved_tensors
+        n_inputs = 10 + len(quant)
+        if grad_y is None:
+            return (None,) * n_inputs
+        need_dx, need_dbias, need_da, need_db_lora = ctx.needs_input_grad[:4]
+        snap = ctx.snap.with_tensors(tuple(quant))
+        weight = dequantize(snap, grad_y.dtype, ctx.use_triton) if need_dx else x.new_empty((0, x.shape[1]))
+        dx, da, db_lora, dbias = strategies.get(ctx.strategy).backward(
+            grad_y, x, weight, lora_a, lora_b, h, scale, seed, ctx.dropout_p, need_dx, need_da, need_db_lora,
+            need_dbias,
+        )
+        return (
+            dx if need_dx else None,
+            dbias.to(ctx.bias_dtype) if need_dbias else None,
+            da.to(lora_a.dtype) if need_da else None,
+            db_lora.to(lora_b.dtype) if need_db_lora else None,
+            *(None,) * (n_inputs - 4),
+        )
+
+
+class _QCall(NamedTuple):
+    x: torch.Tensor  # (..., K) in the compute dtype
+    out_dtype: torch.dtype
+    bias: Optional[torch.Tensor]
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: Union[float, torch.Tensor]
+    dropout_p: float
+    snap: QuantSnapshot
+
+
+class FusedLoraLinear4bit(PeftLinear4bit):
+    """PEFT's bnb ``Linear4bit`` LoRA layer whose forward runs the fused QLoRA op when it can.
+
+    Never constructed directly: ``lorafast.patch`` sets a PEFT layer's ``__class__`` to this. Shapes as PEFT:
+    x (..., in_features) → (..., out_features) in x's dtype.
+    """
+
+    def _get_name(self) -> str:
+        # repr / print(model) read exactly as PEFT's class.
+        return "Linear4bit"
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        call = self._fused_call(x, args, kwargs)
+        if isinstance(call, _Fallback):
+            _report(self, call)
+            return super().forward(x, *args, **kwargs)
+        return qlora_linear(call, getattr(self, _BACKEND_ATTR, "auto"))
+
+    def _fused_call(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Union[_Fallback, _QCall]:
+        """The fused op's arguments, equivalent to PEFT's forward on this input, or why there are none."""
+        if self.disable_adapters:
+            return _Fallback("adapters disabled")
+        if kwargs and kwargs.get("adapter_names") is not None:
+            return _Fallback("adapter_names mixed batch")
+        if self.merged:
+            return _Fallback("adapters merged")
+        modules = self._modules
+        lora_A, lora_B, lora_dropout = modules["lora_A"], modules["lora_B"], modules["lora_dropout"]
+        active = [name for name in self.active_adapters if name in lora_A]
+        if not active:
+            return _Fallback("no active adapter on this layer")
+        for name in active:
+            if name in self.lora_variant:
+                variant = type(self.lora_variant[name]).__name__
+                return _Fallback("LoRA variant (DoRA, aLoRA, ...)", f"{variant} on adapter {name!r}")
+        if args or (kwargs and not _IGNORED_KWARGS.issuperset(kwargs)):
+            extra = f"{len(args)} positional, keywords {sorted(set(kwargs) - _IGNORED_KWARGS)}"
+            return _Fallback("extra forward arguments", extra)
+        base = modules["base_layer"]
+        if type(base) is not bnb.nn.Linear4bit:
+            return _Fallback("base layer is not exactly bnb.nn.Linear4bit", type(base).__name__)
+        if _has_global_hooks() or _has_hooks(base):
+            return _Fallback("module hooks or a replaced forward")
+        lora_a, lora_b, lora_biases, scalings, dropout_ps = [], [], [], [], []
+        for name in active:
+            a_module, b_module, dropout = lora_A[name], lora_B[name], lora_dropout[name]
+            if type(a_module) is not nn.Linear or type(b_module) is not nn.Linear:
+                return _Fallback("lora_A/lora_B is not a plain nn.Linear")
+            if type(dropout) is nn.Dropout:
+                dropout_ps.append(dropout.p if dropout.training else 0.0)
+            elif type(dropout) is nn.Identity:
+                dropout_ps.append(0.0)
+            else:
+                return _Fallback("dropout module is not nn.Dropout/nn.Identity", type(dropout).__name__)
+            if _has_hooks(a_module) or _has_hooks(b_module) or _has_hooks(dropout):
+                return _Fallback("module hooks or a replaced forward")
+            lora_a.append(a_module.weight)
+            lora_b.append(b_module.weight)
+            lora_biases.append(b_module.bias)
+            scalings.append(self.scaling[name])
+
+        device_type = x.device.type
+        if device_type == "meta":
+            return _Fallback("meta tensors")
+        if x.numel() == 0:
+            return _Fallback("empty input")
+        if not x.is_floating_point() or x.dtype not in COMPUTE_DTYPES:
+            return _Fallback("input is not fp16/bf16/fp32", f"{x.dtype}")
+        if torch.is_autocast_enabled(device_type):
+            return _Fallback("torch.autocast on a 4-bit base layer")
+        snap = read_quant_state(base)
+        if isinstance(snap, _Fallback):
+            return snap
+        if x.shape[-1] != snap.shape[1]:
+            return _Fallback("input features differ from the layer", f"{x.shape[-1]} vs {snap.shape[1]}")
+        device = snap.packed.device
+        if x.device != device or any(t.device != device for t in (*lora_a, *lora_b, *snap.tensors())):
+            return _Fallback("input, 4-bit weight and adapters not all on one device")
+        if not base.compute_type_is_set:  # what bitsandbytes' forward does on its first call
+            base.set_compute_type(x)
+            base.compute_type_is_set = True
+        compute_dtype = base.compute_dtype or x.dtype
+        if compute_dtype not in COMPUTE_DTYPES:
+            return _Fallback("compute dtype is not fp16/bf16/fp32", str(compute_dtype))
+        lora_dtype = lora_a[0].dtype
+        if any(t.dtype != lora_dtype for t in (*lora_a, *lora_b)):
+            return _Fallback("adapters differ in dtype")
+        if lora_dtype not in (compute_dtype, torch.float32):
+            return _Fallback("adapter dtype is neither the compute dtype nor float32", f"{lora_dtype}")
+        if any(p >= 1.0 for p in dropout_ps):
+            return _Fallback("dropout p = 1 (the LoRA branch is all zeros)")
+        if len(active) > 1 and any(p > 0.0 for p in dropout_ps):
+            return _Fallback("several active adapters with dropout in training")
+        if any(isinstance(s, torch.Tensor) and s.dim() != 0 for s in scalings):
+            return _Fallback("scaling is a tensor that is not 0-dim")
+
+        bias = base.bias
+        if bias is not None and bias.dtype != compute_dtype:
+            # bitsandbytes' forward converts the stored bias to the compute dtype (in place, once): do the same
+            # so the layer's state after a call is the one PEFT leaves.
+            bias.data = bias.data.to(compute_dtype)
+        bias = _fold_lora_bias(bias, lora_biases, scalings, compute_dtype)
+        if len(active) == 1:
+            lora_a_cat, lora_b_cat, scaling = lora_a[0], lora_b[0], scalings[0]
+        else:
+            lora_a_cat = torch.cat(lora_a, dim=0)
+            lora_b_cat = torch.cat([b * s for b, s in zip(lora_b, scalings)], dim=1)
+            scaling = 1.0
+        return _QCall(x.to(compute_dtype), x.dtype, bias, lora_a_cat, lora_b_cat, scaling, dropout_ps[0], snap)
+
+
+def _report(layer: nn.Module, fallback: _Fallback) -> None:
+    if fallback.reason in _QUIET_REASONS:
+        logger.debug("lorafast: %s runs PEFT's forward: %s", getattr(layer, _NAME_ATTR, None), fallback.reason)
+        return
+    _report_fallback(layer, fallback)
+
+
+def _grad_needs(call: _QCall) -> Tuple[bool, bool, bool, bool]:
+    if not torch.is_grad_enabled():
+        return (False, False, False, False)
+    bias = call.bias
+    return (call.x.requires_grad, call.lora_a.requires_grad, call.lora_b.requires_grad,
+            bias is not None and bias.requires_grad)
+
+
+def choose(backend: str, call: _QCall, x2: torch.Tensor, scale: torch.Tensor,
+           needs: Tuple[bool, bool, bool, bool]) -> Tuple[str, bool]:
+    """(LoRA strategy run after the dequant, whether the Triton dequant kernel runs).
+
+    CPU: "auto"/"aten" → bitsandbytes' dequant + ``aten``; an explicit Triton strategy runs under the
+    interpreter with the Triton dequant (tests). CUDA: the Triton dequant (when Triton is installed) and, for
+    "auto", the fastest of cublas/fused/aten by :func:`lorafast.dispatch.select` with op = quant_type.
+    """
+    snap = call.snap
+    weight_like = torch.empty((snap.shape[0], 0), device="meta")  # only its N is read by resolve/dispatch
+    have_triton = strategies._triton_available()
+    if backend == "auto" and x2.is_cuda and have_triton and strategies.triton_fallback(x2, call.lora_a) is None:
+        from lorafast import dispatch
+
+        candidates = ("cublas", "aten") if x2.dtype == torch.float32 else strategies.STRATEGIES
+        key = dispatch.StrategyKey.for_call(x2, weight_like, call.lora_a, call.dropout_p, *needs, op=snap.quant_type)
+        make_run = _timing_run(x2, call, scale, needs)
+        return dispatch.select(key, candidates, make_run, default=DEFAULT_CUDA), True
+    name = strategies.resolve(backend, x2, weight_like, call.lora_a, call.dropout_p, needs)
+    use_triton = have_triton and (x2.is_cuda or name in strategies.TRITON_STRATEGIES)
+    return name, use_triton
+
+
+def _timing_run(x2: torch.Tensor, call: _QCall, scale: torch.Tensor,
+                needs: Tuple[bool, bool, bool, bool]) -> Callable[[str], Callable[[], None]]:
+    """``make_run`` for the dispatcher: one training step's work of a candidate — dequant, forward, and (when
+    gradients are needed) dequant again and backward — outside autograd, with a fixed seed and a constant dY
+    (the default generator is not touched)."""
+
+    def make_run(name: str) -> Callable[[], None]:
+        impl = strategies.get(name)
+        p = call.dropout_p
+        seed = torch.full((1,), 12345, dtype=torch.int64, device=x2.device) if p > 0.0 else None
+        grad_y = []
+
+        def run() -> None:
+            with torch.no_grad():
+                weight = dequantize(call.snap, x2.dtype, True)
+                y, h = impl.forward(x2, weight, call.bias, call.lora_a, call.lora_b, scale, seed, p)
+                del weight
+                if any(needs):
+                    if not grad_y:
+                        grad_y.append(torch.full_like(y, 1e-2))
+                    weight = dequantize(call.snap, x2.dtype, True) if needs[0] else x2.new_empty((0, x2.shape[1]))
+                    impl.backward(grad_y[0], x2, weight, call.lora_a, call.lora_b, h, scale, seed, p, *needs)
+
+        return run
+
+    return make_run
+
+
+def qlora_linear(call: _QCall, backend: str = "auto") -> torch.Tensor:
+    """Run the fused QLoRA op on checked arguments (see :meth:`FusedLoraLinear4bit._fused_call`).
+
+    Returns (*x.shape[:-1], N) in ``call.out_dtype``.
+    """
+    x = call.x
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    scale = scale_tensor(call.scaling, x2)
+    needs = _grad_needs(call)
+    strategy, use_triton = choose(backend, call, x2, scale, needs)
+    p = call.dropout_p
+    seed = _dropout_seed(x2.device) if p > 0.0 else None
+    snap = call.snap
+    args = (x2, call.bias, call.lora_a, call.lora_b, scale, seed, p, strategy, use_triton, snap, *snap.tensors())
+    if any(needs):
+        y = QLoraFunction.apply(*args)
+    else:  # inference: no graph to record
+        weight = dequantize(snap, x2.dtype, use_triton)
+        y, _ = strategies.get(strategy).forward(x2, weight, call.bias, call.lora_a, call.lora_b, scale, seed, p)
+    y = y.reshape(*lead, snap.shape[0])
+    return y if y.dtype == call.out_dtype else y.to(call.out_dtype)
+
+
+FUSED_CLASSES = {PeftLinear4bit: FusedLoraLinear4bit}
+
+__all__ = ["FUSED_CLASSES", "FusedLoraLinear4bit", "QLoraFunction", "QuantSnapshot", "dequantize",
+           "qlora_linear", "read_quant_state"]
