@@ -20,24 +20,31 @@ Switch: :func:`set_adapter_precision` or the environment variable ``LORAFAST_ADA
 Why the default is ``"compute"`` (a static estimate; no GPU has run either variant). The extra work is
 in the rank-r dots only: 2·M·K·r FLOPs each (2·M·N·r for the expand, dH and dB), six per fwd+bwd, against
 two base GEMMs of 2·M·K·N. With torch's default (``allow_tf32`` off) PEFT's precision means IEEE fp32
-dots, which Triton compiles to FMA loops (no tensor cores); H100 peak rates: bf16 ~990 TFLOP/s dense,
-TF32 ~495, fp32 FMA ~67 (15× slower than bf16).
+dots, which run on FMA units, not tensor cores. H100 SXM peak rates: bf16 ~990 TFLOP/s dense, TF32 ~495,
+fp32 FMA ~67 (15× below bf16); 3.35 TB/s.
 
-- Epilogue dots (expand, dX) are serial after the GEMM's K loop: their cost relative to that GEMM is
-  (r/K)·(990/67) for IEEE — Llama 8192×4096→4096, r=16: 5.8% per GEMM; BERT 2048×768→768: 31% — and
-  (r/K)·2 for TF32: 0.8% and 4.2%.
-- Skinny passes (shrink, dH/dB, dA) are memory-bound in bf16 (they stream X or dY once: 67 MB at Llama,
-  20 µs at 3.35 TB/s); their IEEE dots need 16 µs (shrink, dA) and 32 µs (dH+dB, two dots) of FMA time at
-  peak, so dH/dB turns compute-bound (+12 µs) and the others are hidden only if the FMA loop overlaps
-  the loads perfectly.
-- Llama fwd+bwd at peak: base GEMMs 0.56 ms + skinny passes ~0.06 ms ≈ 0.62 ms; IEEE adds ≈ 32 µs
+- Epilogue dots (expand, dX) run after the GEMM's K loop, not overlapped: their cost relative to that
+  GEMM is (r/K)·(990/67) for IEEE — Llama 8192×4096→4096, r=16: 5.8% per GEMM; BERT 2048×768→768: 31% —
+  and (r/K)·2 for TF32: 0.8% and 4.2%.
+- Skinny passes (shrink, dH/dB, dA) are memory-bound in bf16 (they stream X or dY once: 67 MB, 20 µs at
+  Llama); their IEEE dots need 16 µs (shrink, dA) and 32 µs (dH + dB) of FMA time at peak, so dH/dB turns
+  compute-bound (+12 µs) and the others are hidden only if the FMA loop overlaps the loads perfectly.
+- Llama fwd+bwd at peak: base GEMMs 0.56 ms + skinny passes 0.06 ms ≈ 0.62 ms; IEEE adds ≈ 32 µs
   (epilogues) + ≥ 12 µs (dH/dB) ≈ 7% (more at the FMA efficiency Triton reaches); TF32 adds ≈ 2 µs (< 1%).
-- BERT fwd+bwd: ~10 µs of kernels; IEEE adds ≈ 4.5 µs of FMA work (~30–45%), TF32 ≈ 0.3 µs (~3%); the
-  layer is launch-bound there, so wall time moves less.
+- BERT fwd+bwd: ~8–10 µs of kernels at peak; IEEE adds ≈ 4.5 µs of FMA work (up to ~50%), TF32 ≈ 0.3 µs
+  (~3%); the layer is launch-bound there, so wall time moves less.
 
-IEEE "fp32" costs more than a few percent at both reference shapes, so it is opt-in; with TF32 enabled
-it is cheap (≈ 1–3%) and is a good choice for users who turn TF32 on. The compile gate
-(``benchmarks/fidelity_aot.py``) confirms the instruction mix (see the report there); measure on a GPU
+Compile gate, sm_90, bf16 x, rank block 16, triton 3.9 (``python -m lorafast.aot --arch 90 --entries
+benchmarks/fidelity_aot.py:entries``): the IEEE variant has no tensor-core instruction left in the rank-r
+dots (skinny and in-place epilogue kernels: 0 HGMMA/HMMA), the fused GEMM's SASS doubles (expand at
+128×128×64: 1,109 → 2,214 instructions, 124 → 198 registers; dX at 128×128×64 reaches 255 registers and
+spills 16 B) and the in-place expand triples (547 → 1,638); on the bf16 skinny tables the dH/dB pass
+spilled, so IEEE skinny passes take the fp32 tables (:func:`skinny_fp32_tiles`). The TF32 variant keeps
+HGMMA/HMMA (twice the count: k = 8 per instruction instead of 16) at about the same instruction count and
+registers as "compute" (expand 1,139; no new spills).
+
+IEEE "fp32" costs more than a few percent at both reference shapes, so it is opt-in; with TF32 on it is
+cheap (≈ 1–3%), and users who enable TF32 can take PEFT's precision almost for free. Measure on a GPU
 before changing the default.
 """
 
@@ -104,3 +111,12 @@ def lora_dot(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> Tuple[bool, st
     if adapter_dtype == torch.float32 and x_dtype in HALF_DTYPES and adapter_precision() == "fp32":
         return True, dot_precision(torch.float32)
     return False, "ieee"
+
+
+def skinny_fp32_tiles(x_dtype: torch.dtype, lora_fp32: bool, lora_precision: str) -> bool:
+    """Whether a skinny pass (shrink, dH/dB, dA: the rank-r dot is the whole kernel) takes the fp32 config
+    table: fp32 x, or a widened IEEE rank-r dot, which runs on FMA units like fp32 x does. The bf16 tables
+    spilled there (compile gate, sm_90, rank block 16: the dH/dB pass at 64×128×64 used 255 registers and
+    spilled 48 B); a TF32 dot keeps tensor cores and the bf16 tables (no spills)."""
+    return x_dtype == torch.float32 or (lora_fp32 and lora_precision == "ieee")
+

@@ -25,7 +25,7 @@ import triton.language as tl
 from lorafast.kernels import alloc
 from lorafast.kernels.configs import DX, EPILOGUE, SKINNY, launch, m_bucket, rank_block, split_for
 from lorafast.kernels.dropout import dropout_col_keys, dropout_keep, dropout_row_keys, mask_threshold
-from lorafast.kernels.dtypes import dot_precision, lora_dot
+from lorafast.kernels.dtypes import dot_precision, lora_dot, skinny_fp32_tiles
 from lorafast.kernels.lora_fwd import grouped_tile
 
 
@@ -51,7 +51,7 @@ def lora_grad_h_kernel(
     mask_r = offs_r < R
     scale = tl.load(scale_ptr).to(tl.float32)
     lora_dtype = tl.float32 if LORA_FP32 else dy_ptr.dtype.element_ty
-    lora_precision = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
+    lora_precision: tl.constexpr = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
     if NEED_DB_LORA:
         h = tl.load(h_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         h_scaled = (h * (scale * h_factor)).to(lora_dtype)
@@ -118,7 +118,7 @@ def dx_with_lora_epilogue_kernel(
         )
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
     lora_dtype = tl.float32 if LORA_FP32 else dy_ptr.dtype.element_ty
-    lora_precision = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
+    lora_precision: tl.constexpr = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
     dh = tl.load(
         dh_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0
     )
@@ -155,7 +155,7 @@ def dx_lora_add_kernel(
     mask_m = offs_m < M
     mask_c = offs_c < K
     lora_dtype = tl.float32 if LORA_FP32 else dx_ptr.dtype.element_ty
-    lora_precision = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
+    lora_precision: tl.constexpr = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
     dh = tl.load(
         dh_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0
     )
@@ -192,7 +192,7 @@ def lora_grad_a_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_k = offs_k < K
     lora_dtype = tl.float32 if LORA_FP32 else x_ptr.dtype.element_ty
-    lora_precision = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
+    lora_precision: tl.constexpr = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
         col_keys = dropout_col_keys(seed, offs_k)
@@ -255,7 +255,7 @@ def lora_grad_h(
         ),
         NEED_DB_LORA=need_db_lora, NEED_DBIAS=need_dbias, DOT_PRECISION=dot_precision(grad_y.dtype),
         BLOCK_R=rank_block(R), LORA_FP32=lora_fp32, LORA_PRECISION=lora_precision,
-        fp32=grad_y.dtype == torch.float32,
+        fp32=skinny_fp32_tiles(grad_y.dtype, lora_fp32, lora_precision),
     )
     return dh, db_lora, dbias
 
@@ -347,7 +347,7 @@ def lora_grad_a(
          mask_threshold(dropout_p), 1.0 / (1.0 - dropout_p)),
         key=("M_BUCKET", "K", "LORA_FP32"), reset_to_zero=("da_ptr",),
         HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(R),
-        LORA_FP32=lora_fp32, LORA_PRECISION=lora_precision, fp32=x.dtype == torch.float32,
+        LORA_FP32=lora_fp32, LORA_PRECISION=lora_precision, fp32=skinny_fp32_tiles(x.dtype, lora_fp32, lora_precision),
     )
     return da
 

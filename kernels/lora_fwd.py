@@ -24,7 +24,7 @@ import triton.language as tl
 from lorafast.kernels import alloc
 from lorafast.kernels.configs import EPILOGUE, GEMM, SKINNY, launch, m_bucket, rank_block, split_for
 from lorafast.kernels.dropout import dropout_col_keys, dropout_keep, dropout_row_keys, mask_threshold
-from lorafast.kernels.dtypes import dot_precision, lora_dot
+from lorafast.kernels.dtypes import dot_precision, lora_dot, skinny_fp32_tiles
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def lora_shrink_kernel(
     mask_m = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     lora_dtype = tl.float32 if LORA_FP32 else x_ptr.dtype.element_ty
-    lora_precision = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
+    lora_precision: tl.constexpr = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
         row_keys = dropout_row_keys(seed, offs_m)
@@ -131,7 +131,7 @@ def lora_expand_gemm_kernel(
         mask=mask_n[None, :] & (offs_r[:, None] < R), other=0.0,
     )
     lora_dtype = tl.float32 if LORA_FP32 else x_ptr.dtype.element_ty
-    lora_precision = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
+    lora_precision: tl.constexpr = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
     acc = tl.dot((h * scale).to(lora_dtype), b.to(lora_dtype), acc, input_precision=lora_precision)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -168,7 +168,7 @@ def lora_expand_add_kernel(
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tile = mask_m[:, None] & mask_n[None, :]
     lora_dtype = tl.float32 if LORA_FP32 else y_ptr.dtype.element_ty
-    lora_precision = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
+    lora_precision: tl.constexpr = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
     acc = tl.load(y_ptrs, mask=tile, other=0.0).to(tl.float32)
     acc = tl.dot((h * scale).to(lora_dtype), b.to(lora_dtype), acc, input_precision=lora_precision)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=tile)
@@ -196,7 +196,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: Optional[torch.Tens
          x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), mask_threshold(dropout_p)),
         key=("M_BUCKET", "K", "LORA_FP32"), reset_to_zero=("h_ptr",),
         HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(R),
-        LORA_FP32=lora_fp32, LORA_PRECISION=lora_precision, fp32=x.dtype == torch.float32,
+        LORA_FP32=lora_fp32, LORA_PRECISION=lora_precision, fp32=skinny_fp32_tiles(x.dtype, lora_fp32, lora_precision),
     )
     return h
 
