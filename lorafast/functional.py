@@ -69,6 +69,15 @@ def grad_needs(x, weight, bias, lora_a, lora_b) -> Tuple[bool, bool, bool, bool]
     return (x.requires_grad, lora_a.requires_grad, lora_b.requires_grad, bias is not None and bias.requires_grad)
 
 
+def op_scale(scaling: Union[float, torch.Tensor], scale: torch.Tensor, strategy: str) -> Union[float, torch.Tensor]:
+    """What :func:`run` takes as the scale: the python float itself for the ``aten`` strategy (folded into
+    its GEMMs' alpha: one mul launch fewer per use, and nothing to read from memory), else ``scale``, the
+    0-dim tensor the Triton kernels read."""
+    if strategy == "aten" and not isinstance(scaling, torch.Tensor) and not torch.compiler.is_compiling():
+        return float(scaling)
+    return scale
+
+
 def choose_strategy(backend: str, x2, weight, bias, lora_a, lora_b, scale, p) -> str:
     """The strategy for a call on the 2-D ``x2``: see :func:`lorafast.strategies.resolve`. The tuning
     inputs (grad needs, the timing closure) are only built for "auto" on CUDA."""
@@ -88,16 +97,19 @@ def run(
     bias: Optional[torch.Tensor],
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    scale: torch.Tensor,
+    scale: Union[float, torch.Tensor],
     p: float,
     strategy: str,
 ) -> torch.Tensor:
-    """The op on validated inputs: x2 (M, K) with M > 0, ``scale`` from :func:`scale_tensor`, ``p`` the
+    """The op on validated inputs: x2 (M, K) with M > 0, ``scale`` from :func:`scale_tensor` (or, for the
+    ``aten`` strategy outside torch.compile, the python float itself: see :func:`op_scale`), ``p`` the
     dropout probability in effect (0 outside training), ``strategy`` a STRATEGIES name. Returns
     (*lead, N). Per call: a seed tensor when p > 0, then the strategy's launches; nothing else."""
     seed = _dropout_seed(x2.device) if p > 0.0 else None
     args = (x2, weight, bias, lora_a, lora_b, scale, seed, p, strategy)
     if torch.compiler.is_compiling():
+        if not isinstance(scale, torch.Tensor):  # the custom op's schema takes a tensor
+            args = (x2, weight, bias, lora_a, lora_b, scale_tensor(scale, x2), seed, p, strategy)
         y, _ = ops.lora_linear_fwd(*args)
     elif torch.is_grad_enabled() and (
         x2.requires_grad or lora_a.requires_grad or lora_b.requires_grad or weight.requires_grad
@@ -154,4 +166,4 @@ def lora_linear(
         return reference.lora_linear(x, weight, bias, lora_a, lora_b, scaling)
     scale = scale_tensor(scaling, x)
     strategy = choose_strategy(backend, x2, weight, bias, lora_a, lora_b, scale, p)
-    return run(x2, lead, weight, bias, lora_a, lora_b, scale, p, strategy)
+    return run(x2, lead, weight, bias, lora_a, lora_b, op_scale(scaling, scale, strategy), p, strategy)

@@ -35,7 +35,9 @@ def lora_linear_fwd(
     backend: str,
 ) -> Tuple[Tensor, Tensor]:
     """x (M, K) → (y (M, N) in x's dtype, H (M, r) fp32 — unscaled LoRA hidden, saved for backward)."""
-    return forward_impl(x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p, backend)
+    y, h = forward_impl(x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p, backend)
+    # The fake below promises contiguous outputs; the aten strategy returns H as a transposed view.
+    return y.contiguous(), h.contiguous()
 
 
 @lora_linear_fwd.register_fake
@@ -67,7 +69,7 @@ def lora_linear_bwd(
     grads = strategies.get(backend).backward(
         grad_y, x, weight, lora_a, lora_b, h, scaling, seed, dropout_p, need_dx, need_da, need_db_lora, need_dbias
     )
-    return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
+    return tuple(g.contiguous() if g is not None else x.new_empty((0,)) for g in grads)
 
 
 @lora_linear_bwd.register_fake
@@ -87,7 +89,12 @@ def _(grad_y, x, weight, lora_a, lora_b, h, scaling, seed, dropout_p, backend, n
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p, backend = inputs
     _, h = output
-    ctx.save_for_backward(x, weight, lora_a, lora_b, h, scaling, seed)
+    if isinstance(scaling, Tensor):
+        ctx.float_scale = None
+        ctx.save_for_backward(x, weight, lora_a, lora_b, h, seed, scaling)
+    else:  # a python float (eager aten calls, see functional.op_scale)
+        ctx.float_scale = scaling
+        ctx.save_for_backward(x, weight, lora_a, lora_b, h, seed)
     ctx.dropout_p = dropout_p
     ctx.backend = backend
     ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -103,7 +110,8 @@ def _grads_from(ctx, grad_y, run_backward):
     """Unpack ctx once (checkpointing allows a single unpack), run ``run_backward(grad_y, *saved, p,
     need_dx, need_da, need_db_lora, need_dbias)`` → (dX, dA, dB, db) accumulators, and map them to the
     9 forward inputs' grads, each in its input's dtype."""
-    x, weight, lora_a, lora_b, h, scaling, seed = ctx.saved_tensors
+    x, weight, lora_a, lora_b, h, seed, *saved_scale = ctx.saved_tensors
+    scaling = ctx.float_scale if ctx.float_scale is not None else saved_scale[0]
     if grad_y is None:  # materialize_grads is off: y's gradient is all zeros, so is every input's
         return _NO_GRADS
     need_dx, need_dw, need_dbias, need_da, need_db_lora = ctx.needs_input_grad[:5]
