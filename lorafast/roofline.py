@@ -28,6 +28,8 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from lorafast.shapes import parse_shapes  # the bench's shape names, so both speak of the same shapes
+
 MODES = ("fwd", "fwd+bwd")
 IMPLEMENTATIONS = ("lorafast", "peft", "base")
 
@@ -257,8 +259,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def prediction_rows(args: argparse.Namespace) -> List[Dict[str, object]]:
     """:func:`predict` for every device, shape, rank, mode and dropout in ``args``."""
-    from lorafast.bench import parse_shapes  # the bench's shape names, so both speak of the same shapes
-
     rows = []
     for device in args.device:
         ceilings = DEVICES[device]

@@ -26,11 +26,13 @@ def _strict_json(path):
 
 def test_cli_quick_cpu_writes_complete_report(tmp_path, capsys):
     argv = ["bench", "--quick", "--device", "cpu", "--shapes", "64,96,80", "--rank", "4", "--dropout", "0", "0.1",
-            "--cpu-budget", "0.05", "--out", str(tmp_path), "--name", "tiny", "--no-progress"]
+            "--cpu-budget", "0.05", "--out", str(tmp_path), "--name", "tiny", "--no-progress", "--no-host"]
     assert main(argv) == 0
     report = _strict_json(tmp_path / "tiny.json")
     assert report["environment"]["device"] == "cpu"
     assert report["environment"]["backend_resolved"] == "aten"
+    assert report["environment"]["strategies"] == ["aten"]  # the only one that runs on a CPU
+    assert "host" not in report
     assert report["failures"] == []
     results = report["results"]
     # fwd (eval) once, fwd+bwd for each p; four implementations each.
@@ -38,8 +40,9 @@ def test_cli_quick_cpu_writes_complete_report(tmp_path, capsys):
     assert groups == {("fwd", None), ("fwd+bwd", 0.0), ("fwd+bwd", 0.1)}
     for group in groups:
         impls = {r["impl"] for r in results if (r["mode"], r["dropout"]) == group}
-        assert impls == set(bench.IMPLEMENTATIONS)
+        assert impls == {*bench.IMPLEMENTATIONS, "aten"}
     for r in results:
+        assert r["strategy"] == ("aten" if r["impl"] in ("lorafast", "aten") else None)
         assert r["median_ms"] > 0 and math.isfinite(r["median_ms"]) and r["reps"] >= 3
         assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
         assert r["correct"] is True
@@ -52,7 +55,7 @@ def test_cli_quick_cpu_writes_complete_report(tmp_path, capsys):
         for key in ("speedup_vs_peft", "lorafast_vs_base", "peft_vs_base"):
             assert row[key] > 0 and math.isfinite(row[key])
     markdown = (tmp_path / "tiny.md").read_text(encoding="utf-8")
-    for word in ("lorafast", "PEFT", "reference", "base", "speedup vs PEFT"):
+    for word in ("lorafast", "PEFT", "reference", "base", "speedup vs PEFT", "aten", "auto →", "need CUDA"):
         assert word in markdown
     assert (tmp_path / "tiny.png").stat().st_size > 0
     assert "speedup vs PEFT" in capsys.readouterr().out
@@ -161,8 +164,9 @@ def test_an_implementation_that_raises_is_reported_and_the_others_still_run(monk
     report = bench.run_benchmark(config, on_group_done=lambda partial: seen.append(len(partial["results"])))
     assert report["complete"] and seen == [3, 6]
     assert {r["impl"] for r in report["results"]} == {"peft", "reference", "base"}
-    assert len(report["failures"]) == 2
-    assert all("lorafast" in f and "RuntimeError: kernel failed to compile" in f for f in report["failures"])
+    assert len(report["failures"]) == 4  # lorafast and the aten strategy row, fwd and fwd+bwd
+    assert {f.split()[0] for f in report["failures"]} == {"lorafast", "aten"}
+    assert all("RuntimeError: kernel failed to compile" in f for f in report["failures"])
     assert "Correctness failures" in bench.markdown_report(report)
 
 
@@ -207,3 +211,148 @@ def test_cli_bad_flags_give_one_clear_error(flags, message, capsys):
     assert main(["bench", "--device", "cpu", *flags]) == 2
     err = capsys.readouterr().err
     assert "lorafast bench: error:" in err and message in err
+
+
+# ---- strategies (issue 9), adapter dtype, host cost (issue 10), QLoRA (issue 11) ----------------------------
+
+
+def test_strategies_flag_times_the_fused_strategy_in_the_interpreter(tmp_path):
+    # conftest sets TRITON_INTERPRET=1 on CPU, so `fused` runs (in the interpreter) and is checked like the rest.
+    argv = ["bench", "--quick", "--device", "cpu", "--shapes", "16,24,20", "--rank", "2", "--dropout", "0.2",
+            "--strategies", "fused", "aten", "--cpu-budget", "0.01", "--out", str(tmp_path), "--name", "s",
+            "--no-progress", "--no-host"]  # fmt: skip
+    assert main(argv) == 0
+    report = _strict_json(tmp_path / "s.json")
+    assert report["environment"]["strategies"] == ["fused", "aten"]
+    rows = {(r["impl"], r["mode"]): r for r in report["results"]}
+    for mode in ("fwd", "fwd+bwd"):
+        assert rows[("fused", mode)]["strategy"] == "fused" and rows[("fused", mode)]["correct"]
+        assert rows[("aten", mode)]["strategy"] == "aten"
+        assert rows[("lorafast", mode)]["strategy"] == "aten"  # what auto runs on a CPU
+    assert 0.5 < rows[("fused", "fwd+bwd")]["errors"]["keep"] < 1.0  # its own mask was recovered and replayed
+    summary = report["summary"]
+    assert all({"fused", "aten"} <= set(row["ms"]) and row["strategy"] == "aten" for row in summary)
+    markdown = (tmp_path / "s.md").read_text(encoding="utf-8")
+    assert "| fused | aten | auto → |" in markdown and "Not timed: cublas" in markdown
+
+
+def test_triton_strategies_on_cpu_without_the_interpreter_are_a_clear_error(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["bench", "--device", "cpu", "--strategies", "cublas"]) == 2
+    err = capsys.readouterr().err
+    assert "lorafast bench: error: --strategies: cublas need CUDA" in err
+
+
+def test_adapter_dtype_fp32_on_bf16_is_checked_against_float64(tmp_path):
+    argv = ["bench", "--quick", "--device", "cpu", "--dtype", "bf16", "--adapter-dtype", "fp32", "--shapes",
+            "32,48,40", "--rank", "4", "--dropout", "0", "--cpu-budget", "0.01", "--out", str(tmp_path), "--name",
+            "a", "--no-progress", "--no-host"]  # fmt: skip
+    assert main(argv) == 0
+    report = _strict_json(tmp_path / "a.json")
+    assert report["environment"]["dtype"] == "bfloat16" and report["environment"]["adapter_dtype"] == "float32"
+    assert report["failures"] == [] and all(r["correct"] for r in report["results"])
+    lora_rows = [r for r in report["results"] if r["impl"] != "base"]
+    assert all(0 < r["errors"]["y"] < 1e-2 for r in lora_rows)  # bf16 rounding, measured, not zero
+    inputs = bench.make_inputs(TINY, 4, torch.bfloat16, "cpu", adapter_dtype=torch.float32)
+    layer = bench.peft_layer(inputs, 0.0)
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT's upcast kept in the PEFT row
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+
+
+def test_make_inputs_is_the_one_builder_and_tests_utils_delegates():
+    import utils
+
+    a = bench.make_inputs(TINY, 3, torch.float32, "cpu", seed=5)
+    b = bench.make_inputs(TINY, 3, torch.float32, "cpu", seed=5)
+    assert torch.equal(a.x, b.x) and torch.equal(a.dy, b.dy)  # private generator: reproducible
+    assert a.x.abs().min() > 0 and a.lora_b.abs().sum() > 0 and not a.x.requires_grad
+    assert utils.LoraInputs is bench.LoRAInputs
+    t = utils.make_inputs(5, 7, 6, 2, lead=(3,))
+    assert t.x.shape == (3, 5, 7) and t.x.requires_grad and t.bias.requires_grad and t.dy is None
+    assert len(t.leaves()) == 4 and t.to64().x.dtype == torch.float64
+
+
+def test_launch_counter_counts_kernels_not_views():
+    from lorafast.bench.host import LaunchCounter
+
+    x = torch.randn(4, 6)
+    with LaunchCounter() as ops:
+        y = (x.t() @ x).view(-1) + 1.0
+    assert y.numel() == 36
+    assert ops.kernels == 2  # mm and add; the transpose and the view launch nothing
+    assert sum(ops.ops.values()) >= 4
+
+
+def test_host_section_counts_stubbed_triton_launches_and_restores_them():
+    from lorafast.bench import host
+    from lorafast.kernels import configs, lora_fwd
+
+    original = configs.launch
+    config = host.HostConfig(M=4, K=16, N=8, rank=2, dropouts=(0.0, 0.1), strategies=("aten", "fused"),
+                             quick=True, budget_s=0.01)  # fmt: skip
+    result = host.measure_host(config)
+    assert configs.launch is original and lora_fwd.launch is original
+    rows = {(r["variant"], r["p"], r["mode"]): r for r in result["rows"]}
+    variants = {"peft", "patch:aten", "patch:fused", "op:aten", "op:fused"}
+    assert {k[0] for k in rows} == variants
+    for p in (0.0, 0.1):
+        for mode in ("fwd", "fwd+bwd"):
+            assert rows[("peft", p, mode)]["triton_launches"] == 0 and rows[("peft", p, mode)]["launches"] > 0
+            assert rows[("op:aten", p, mode)]["triton_launches"] == 0
+            # fused: shrink + GEMM forward, plus dH/dB, dX and dA backward, all through the stub
+            fused = rows[("op:fused", p, mode)]
+            assert fused["triton_launches"] >= (2 if mode == "fwd" else 5)
+            assert rows[("patch:fused", p, mode)]["triton_launches"] == fused["triton_launches"]
+            for name in variants - {"peft"}:
+                row = rows[(name, p, mode)]
+                assert row["host_us"] > 0 and row["host_vs_peft"] > 0 and row["launches_vs_peft"] > 0
+    assert not any("NOT patched" in r["description"] for r in result["rows"])
+    assert result["torch_threads"] == 1 and torch.get_num_threads() >= 1
+    markdown = host.host_markdown(result)
+    assert "Host cost" in markdown and "host ≤ 0.8×" in markdown and "launches ≤ 0.7×" in markdown
+
+
+def test_cli_host_only_writes_the_host_report(tmp_path):
+    argv = ["bench", "--host", "--quick", "--cpu-budget", "0.01", "--out", str(tmp_path), "--name", "h",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    report = _strict_json(tmp_path / "h.json")
+    assert report["results"] == [] and report["complete"]
+    assert {r["variant"] for r in report["host"]["rows"]} >= {"peft", "patch:aten", "op:aten", "op:fused"}
+    assert report["host"]["load_average_before"] is not None
+    assert "Host cost" in (tmp_path / "h.md").read_text(encoding="utf-8")
+    assert not (tmp_path / "h.png").exists()
+
+
+def test_quant_nf4_errors_are_against_the_dequantized_weight():
+    pytest.importorskip("bitsandbytes")
+    from lorafast.bench import quant
+
+    config = quant.QuantConfig(shapes=[bench.Shape("q", 8, 64, 32)], rank=4, dropouts=[0.0, 0.1],
+                               dtype=torch.float32, device=torch.device("cpu"), quick=True, cpu_budget_s=0.01)
+    result = quant.run_quant(config)
+    rows = {(r["impl"], r["dropout"], r["mode"]): r for r in result["rows"]}
+    assert {k[0] for k in rows} == {"lorafast", "peft", "base"}
+    for impl in ("lorafast", "peft"):
+        for key in ("y", "dx", "da", "db"):
+            assert rows[(impl, 0.0, "fwd+bwd")]["errors"][key] < 1e-4, (impl, key)
+        # eval on a CPU that repacks the weight runs bitsandbytes' bf16 gemv: a larger, still small error
+        assert rows[(impl, None, "fwd")]["errors"]["y"] < 1e-2
+        assert rows[(impl, 0.1, "fwd+bwd")]["errors"] == {}  # masks differ: time and memory only
+        assert rows[(impl, 0.1, "fwd+bwd")]["saved_bytes"] > 0
+    # The quantization error is far above that: the reference must be on the dequantized weight.
+    inputs = bench.make_inputs(config.shapes[0], 4, torch.float32, "cpu")
+    layer = quant.qlora_layer(inputs, 0.0)
+    assert bench.relative_error(quant.dequantized_weight(layer), inputs.weight) > 1e-2
+    fused = rows[("lorafast", 0.0, "fwd+bwd")]
+    try:
+        from lorafast.qlora import FUSED_CLASSES
+    except ImportError:
+        FUSED_CLASSES = {}
+    fused_names = {f"{c.__module__}.{c.__qualname__}" for c in FUSED_CLASSES.values()}
+    assert fused["fused"] == (fused["layer_class"] in fused_names)
+    assert rows[("peft", 0.0, "fwd+bwd")]["layer_class"] == "peft.tuners.lora.bnb.Linear4bit"
+    markdown = quant.quant_markdown(result)
+    assert "QLoRA (nf4" in markdown
+    any_unfused = any(r["fused"] is False for r in result["rows"])
+    assert ("lorafast (not fused)" in markdown) == any_unfused

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from lorafast.bench.inputs import LoRAInputs
+from lorafast.bench.inputs import make_inputs as _make_inputs
+from lorafast.shapes import Shape
 from lorafast.tolerances import REL_TOL  # the rule is explained there
 
 
@@ -45,40 +47,14 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, lowp:
     assert err <= budget, f"{what}: rel err {err:.3e} > {budget:.3e}\n{describe_mismatch(out, ref)}"
 
 
-@dataclass
-class LoraInputs:
-    """One random problem: x (..., K), weight (N, K), bias (N,) | None, lora_a (r, K), lora_b (N, r)."""
-
-    x: torch.Tensor
-    weight: torch.Tensor
-    bias: Optional[torch.Tensor]
-    lora_a: torch.Tensor
-    lora_b: torch.Tensor
-    scaling: float
-
-    def args(self):
-        return self.x, self.weight, self.bias, self.lora_a, self.lora_b, self.scaling
-
-    def leaves(self):
-        """The tensors that get gradients: x, bias (if any), lora_a, lora_b."""
-        return [t for t in (self.x, self.bias, self.lora_a, self.lora_b) if t is not None]
-
-    def to64(self) -> LoraInputs:
-        """A float64 detached copy with the same requires_grad flags (the reference's inputs)."""
-        def cp(t):
-            return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
-
-        return LoraInputs(cp(self.x), cp(self.weight), cp(self.bias), cp(self.lora_a), cp(self.lora_b), self.scaling)
+# One input builder for the tests and the bench (lorafast.bench.inputs); the tests' call form below.
+LoraInputs = LoRAInputs
 
 
 def make_inputs(M, K, N, r, dtype=torch.float32, adapter_dtype=None, bias=True, device="cpu", lead=(),
-                scaling=0.75) -> LoraInputs:
-    """Fresh random inputs with O(1) outputs; lora_b is random (not PEFT's zeros) so the LoRA term
-    is exercised. ``lead`` adds leading batch dims to x (x is (*lead, M, K) then)."""
-    adapter_dtype = adapter_dtype or dtype
-    x = torch.randn(*lead, M, K, device=device).to(dtype).requires_grad_()
-    weight = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
-    b = (torch.randn(N, device=device) * 0.1).to(dtype).requires_grad_() if bias else None
-    lora_a = (torch.randn(r, K, device=device) / K**0.5).to(adapter_dtype).requires_grad_()
-    lora_b = (torch.randn(N, r, device=device) / r**0.5).to(adapter_dtype).requires_grad_()
-    return LoraInputs(x, weight, b, lora_a, lora_b, scaling)
+                scaling=0.75) -> LoRAInputs:
+    """Fresh random inputs with O(1) outputs from the global generator (tests seed it); x and bias require
+    grad. ``lead`` adds leading batch dims to x (x is (*lead, M, K) then). See
+    :func:`lorafast.bench.inputs.make_inputs`."""
+    return _make_inputs(Shape(f"{M}x{K}x{N}", M, K, N), r, dtype, device, seed=None, bias=bias,
+                        adapter_dtype=adapter_dtype, lead=lead, scaling=scaling, requires_grad=True, with_dy=False)

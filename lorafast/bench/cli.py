@@ -1,0 +1,198 @@
+"""``python -m lorafast bench`` flags and the command itself."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Dict, Optional
+
+import torch
+
+from lorafast import strategies
+from lorafast.bench.core import BenchConfig, default_strategies, environment, run_benchmark
+from lorafast.bench.report import markdown_report, output_stem, write_report
+from lorafast.shapes import parse_dtype, parse_shapes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``bench`` subcommand's flags."""
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        help="presets (bert, llama) or M,K,N; default: bert on CPU, bert llama on CUDA (--quant: its own)",
+    )
+    parser.add_argument(
+        "--rank",
+        type=int,
+        nargs="+",
+        default=None,
+        help="LoRA ranks; default 8 16 64 (--quick: 8 on CPU, 16 on CUDA)",
+    )
+    parser.add_argument("--dropout", type=float, nargs="+", default=None, help="dropout p values; default 0 0.1")
+    parser.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16; default bf16 on CUDA, fp32 on CPU")
+    parser.add_argument(
+        "--adapter-dtype", default=None, help="lora_A/lora_B dtype, e.g. fp32 on a bf16 model (PEFT's upcast)"
+    )
+    parser.add_argument("--device", default=None, help="cuda | cpu | cuda:N; default cuda when available")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=list(strategies.BACKENDS),
+        help="lorafast strategy of the 'lorafast' rows (default auto: the fastest measured on this GPU, aten on CPU)",
+    )
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=None,
+        choices=[*strategies.STRATEGIES, "none"],
+        help="strategies also timed on their own (default: all that run on the device — fused cublas aten on "
+        "CUDA, aten on CPU); 'none' for none",
+    )
+    parser.add_argument(
+        "--host",
+        action="store_true",
+        help="only the host-cost section: host µs and launches per call on CPU vs PEFT (tiny layer, 1 thread)",
+    )
+    parser.add_argument("--no-host", action="store_true", help="leave the host-cost section out of the report")
+    parser.add_argument(
+        "--quant", default=None, choices=["nf4"], help="only the QLoRA comparison (bitsandbytes 4-bit) vs PEFT"
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer ranks and repeats (~30 s on a 2-core CPU)")
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="on CUDA, time small shapes (M·K·N ≤ 2^33) by CUDA-graph replay",
+    )
+    parser.add_argument(
+        "--cpu-budget", type=float, default=None, help="CPU: seconds of timing per configuration (default 4, quick 0.5)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="directory for <device>-<date>.{json,md,png}")
+    parser.add_argument("--name", default=None, help="file stem instead of <device>-<date>[-host|-nf4]")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _strategies(args: argparse.Namespace, device: torch.device):
+    if args.strategies is None:
+        return default_strategies(device)
+    chosen = tuple(s for s in args.strategies if s != "none")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        needs_cuda = [s for s in chosen if s in strategies.TRITON_STRATEGIES]
+        if needs_cuda:
+            raise ValueError(
+                f"--strategies: {', '.join(needs_cuda)} need CUDA (on CPU only in Triton's interpreter, "
+                "TRITON_INTERPRET=1 before triton is imported); on CPU use aten"
+            )
+    return chosen
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """Fill the device-dependent defaults documented in :func:`add_arguments`."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but torch.cuda.is_available() is False")
+    dtype = parse_dtype(args.dtype or ("bf16" if on_gpu else "fp32"))
+    adapter_dtype = parse_dtype(args.adapter_dtype, "--adapter-dtype") if args.adapter_dtype else None
+    shapes = parse_shapes(args.shapes or (["bert", "llama"] if on_gpu else ["bert"]))
+    if args.rank:
+        ranks = args.rank
+    elif args.quick:
+        ranks = [16] if on_gpu else [8]
+    else:
+        ranks = [8, 16, 64]
+    dropouts = args.dropout if args.dropout is not None else [0.0, 0.1]
+    for p in dropouts:
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"--dropout: p must be in [0, 1), got {p}")
+    for r in ranks:
+        if r < 1:
+            raise ValueError(f"--rank: r must be >= 1, got {r}")
+    if args.host and args.quant:
+        raise ValueError("--host and --quant: choose one")
+    return BenchConfig(
+        shapes=shapes,
+        ranks=ranks,
+        dropouts=dropouts,
+        dtype=dtype,
+        device=device,
+        backend=args.backend,
+        quick=args.quick,
+        cuda_graphs=args.cuda_graphs,
+        seed=args.seed,
+        strategies=_strategies(args, device),
+        adapter_dtype=adapter_dtype,
+        host=not args.no_host,
+        progress=not args.no_progress,
+        cpu_budget_s=args.cpu_budget,
+        options={k: v for k, v in vars(args).items() if k not in ("module", "command")},
+    )
+
+
+def _host_only(config: BenchConfig) -> Dict[str, object]:
+    from lorafast.bench.host import HostConfig, measure_host
+
+    report = {"environment": environment(config), "results": [], "failures": [], "complete": False}
+    report["host"] = measure_host(HostConfig(quick=config.quick, budget_s=config.cpu_budget_s))
+    report["complete"] = True
+    return report
+
+
+def _quant_only(config: BenchConfig, args: argparse.Namespace) -> Dict[str, object]:
+    from lorafast.bench.quant import QUANT_SHAPES, QuantConfig, run_quant
+
+    shapes = config.shapes if args.shapes else QUANT_SHAPES["cuda" if config.device.type == "cuda" else "cpu"]
+    quant = QuantConfig(
+        shapes=shapes, rank=config.ranks[0], dropouts=config.dropouts, dtype=config.dtype, device=config.device,
+        quant_type=args.quant, adapter_dtype=config.adapter_dtype, quick=config.quick,
+        cpu_budget_s=config.cpu_budget_s, seed=config.seed,
+    )  # fmt: skip
+    report = {"environment": environment(config), "results": [], "failures": [], "complete": False}
+    report["quant"] = run_quant(quant)
+    report["complete"] = True
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the bench for parsed ``args``; exit status 1 if any implementation failed its check."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        config = config_from_args(args)
+        if args.quant:
+            import bitsandbytes  # noqa: F401
+    except (ValueError, ImportError) as exc:  # a bad flag: one line, like argparse's own errors
+        print(f"lorafast bench: error: {exc}", file=sys.stderr)
+        return 2
+    if config.device.type == "cpu" and hasattr(os, "getloadavg"):
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if load > 0.5 * cores:
+            print(
+                f"lorafast bench: load average {load:.1f} on {cores} cores; CPU timings will be disturbed",
+                file=sys.stderr,
+            )
+    suffix = "-host" if args.host else f"-{args.quant}" if args.quant else ""
+    stem: Optional[str] = args.name
+    if args.host:
+        report = _host_only(config)
+    elif args.quant:
+        report = _quant_only(config, args)
+    else:
+        on_group_done = None
+        if args.out:
+
+            def on_group_done(partial: Dict[str, object]) -> None:
+                write_report(partial, args.out, stem or output_stem(partial) + suffix, plot=False)
+
+        report = run_benchmark(config, on_group_done)
+    print(markdown_report(report))
+    if args.out:
+        paths = write_report(report, args.out, stem or output_stem(report) + suffix)
+        print("wrote " + ", ".join(path for path in paths.values() if path))
+    if report["failures"]:
+        print(f"lorafast bench: {len(report['failures'])} correctness failure(s)", file=sys.stderr)
+        return 1
+    return 0
