@@ -161,3 +161,58 @@ def test_switch_env_var_and_errors(monkeypatch):
         dtypes.set_adapter_precision("bf16")
     dtypes.set_adapter_precision("compute")  # the call wins over a bad variable
     assert dtypes.adapter_precision() == "compute"
+
+
+def _launch_kwargs(monkeypatch, act):
+    """{launcher: the constexprs and table flag it passes to `launch`}, from one call of each on meta tensors."""
+    from lorafast.kernels import lora_bwd, lora_fwd
+
+    seen = {}
+
+    def capture(fn, kind, device, grid, args, *rest, **kwargs):
+        seen[fn.__name__] = kwargs
+
+    for module in (lora_fwd, lora_bwd):
+        monkeypatch.setattr(module, "launch", capture)
+
+    def meta(*shape, dtype=act):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    f32 = torch.float32
+    M, K, N, r = 64, 48, 40, 8
+    x, w, dy = meta(M, K), meta(N, K), meta(M, N)
+    a, b, h = meta(r, K, dtype=f32), meta(N, r, dtype=f32), meta(M, r, dtype=f32)
+    seed, scale = meta(1, dtype=torch.int64), meta(dtype=f32)
+    lora_fwd.lora_shrink(x, a, seed, 0.1)
+    lora_fwd.lora_expand_gemm(x, w, None, h, b, scale)
+    lora_fwd.lora_expand_add(dy, h, b, scale)
+    lora_bwd.lora_grad_h(dy, b, h, scale, 1.0, True, True)
+    lora_bwd.dx_with_lora_epilogue(dy, w, h, a, seed, 0.1)
+    lora_bwd.dx_lora_add(x, h, a, seed, 0.1)
+    lora_bwd.lora_grad_a(x, h, seed, 0.1, a.dtype)
+    return {name.removesuffix("_kernel"): kw for name, kw in seen.items()}
+
+
+SKINNY_LAUNCHERS = {"lora_shrink", "lora_grad_h", "lora_grad_a"}
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True], ids=["ieee", "tf32"])
+def test_every_launcher_follows_the_switch(monkeypatch, allow_tf32):
+    """All seven launchers pass LORA_FP32/LORA_PRECISION from the switch (fp32 adapters, bf16 x), key their
+    autotuning on it, and the IEEE skinny passes pick the fp32 config table."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        dtypes.set_adapter_precision("fp32")
+        wide = _launch_kwargs(monkeypatch, torch.bfloat16)
+        dtypes.set_adapter_precision("compute")
+        narrow = _launch_kwargs(monkeypatch, torch.bfloat16)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert len(wide) == 7 and wide.keys() == narrow.keys()
+    for name, kw in wide.items():
+        assert kw["LORA_FP32"] is True and kw["LORA_PRECISION"] == ("tf32" if allow_tf32 else "ieee"), name
+        assert narrow[name]["LORA_FP32"] is False, name
+        assert "LORA_FP32" in kw["key"], name
+        assert kw["fp32"] is (name in SKINNY_LAUNCHERS and not allow_tf32), name
+        assert narrow[name]["fp32"] is False, name
