@@ -7,7 +7,7 @@ Not collected by the default ``pytest`` run (pyproject's testpaths is ``tests``)
         --benchmark-min-rounds=1 --benchmark-max-time=0.05 --benchmark-warmup=off   # CI smoke run
 
 Each group (``benchmark.group``) holds one shape/mode/dropout, so its lorafast, PEFT, reference and
-base rows print together. The inputs come from :func:`lorafast.bench.make_inputs`, the same setup as
+base (and per-strategy) rows print together. The inputs come from :func:`lorafast.bench.make_inputs`, the same setup as
 ``python -m lorafast bench``.
 """
 

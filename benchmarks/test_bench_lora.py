@@ -1,4 +1,5 @@
-"""lorafast vs PEFT vs the plain-PyTorch reference vs the frozen linear, under pytest-benchmark.
+"""lorafast (and each strategy that runs on this device) vs PEFT vs the plain-PyTorch reference vs the frozen
+linear, under pytest-benchmark.
 
 Same implementations and setup as ``python -m lorafast bench`` (lorafast.bench); this suite adds
 pytest-benchmark's statistics, comparisons between saved runs (``--benchmark-autosave`` /
@@ -27,7 +28,11 @@ def _synchronized(call, device):
     return run
 
 
-@pytest.mark.parametrize("impl", bench.IMPLEMENTATIONS)
+_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+IMPLS = (*bench.IMPLEMENTATIONS, *bench.default_strategies(_DEVICE))  # strategies timed on their own too
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode,p", CASES, ids=[f"{m}-p{p:g}" for m, p in CASES])
 def test_lora_linear(benchmark, lora_inputs, bench_device, shape, mode, p, impl):
     device, _, rank = bench_device
