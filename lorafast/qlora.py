@@ -44,7 +44,7 @@ from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from torch import nn
 
-from lorafast import strategies
+from lorafast import functional, strategies
 from lorafast.functional import _dropout_seed, scale_tensor
 from lorafast.peft import (
     _BACKEND_ATTR,
@@ -180,7 +180,8 @@ def dequantize(snap: QuantSnapshot, dtype: torch.dtype, use_triton: bool) -> tor
 class QLoraFunction(torch.autograd.Function):
     """y = x·dequant(W)ᵀ + b + s/(1−p)·H·Bᵀ with the strategy's fused backward; W dequantized in both passes.
 
-    forward(x (M, K) compute dtype, bias (N,) or None, lora_a (r, K), lora_b (N, r), scale 0-dim, seed,
+    forward(x (M, K) compute dtype, bias (N,) or None, lora_a (r, K), lora_b (N, r), scale (0-dim tensor, or
+    a python float for ``aten`` as :func:`lorafast.functional.op_scale` gives it), seed,
     dropout_p, strategy name, use_triton_dequant, QuantSnapshot, *snapshot tensors) → y (M, N).
     The snapshot tensors are inputs so they are saved (and version-checked) like any saved tensor.
     """
@@ -190,7 +191,8 @@ class QLoraFunction(torch.autograd.Function):
         weight = dequantize(snap, x.dtype, use_triton)
         y, h = strategies.get(strategy).forward(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p)
         del weight  # transient: freed before backward, rebuilt there
-        ctx.save_for_backward(x, lora_a, lora_b, h, scale, seed, *quant)
+        ctx.float_scale = None if isinstance(scale, torch.Tensor) else scale
+        ctx.save_for_backward(x, lora_a, lora_b, h, scale if ctx.float_scale is None else None, seed, *quant)
         ctx.snap, ctx.dropout_p, ctx.strategy, ctx.use_triton = snap, dropout_p, strategy, use_triton
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.set_materialize_grads(False)
@@ -199,6 +201,7 @@ class QLoraFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, lora_a, lora_b, h, scale, seed, *quant = ctx.saved_tensors
+        scale = scale if ctx.float_scale is None else ctx.float_scale
         n_inputs = 10 + len(quant)
         if grad_y is None:
             return (None,) * n_inputs
@@ -417,6 +420,8 @@ def qlora_linear(call: _QCall, backend: str = "auto") -> torch.Tensor:
     scale = scale_tensor(call.scaling, x2)
     needs = _grad_needs(call)
     strategy, use_triton = choose(backend, call, x2, scale, needs)
+    op_scale = getattr(functional, "op_scale", None)  # the scale form the plain path hands this strategy
+    scale = op_scale(call.scaling, scale, strategy) if op_scale is not None else scale
     p = call.dropout_p
     seed = _dropout_seed(x2.device) if p > 0.0 else None
     snap = call.snap
