@@ -4,13 +4,15 @@
 #   2. pip install --no-deps --no-build-isolation -e .
 #   3. the whole test suite on the GPU, interpreter off (TRITON_INTERPRET=0: real bf16, `gpu` tests run)
 #   4. the AOT compile gate for the live compute capability -> <stem>-aot.json
-#   5. python -m lorafast bench at all shapes (BERT-base, Llama-8B; r 8 16 64; p 0 0.1) -> <stem>.{json,md,png}
+#   5. python -m lorafast bench at all shapes (BERT-base, Llama-8B; r 8 16 64; p 0 0.1; every strategy on its
+#      own and what auto picked; the CPU host-cost section) -> <stem>.{json,md,png}
+#   6. python -m lorafast bench --quant nf4 (QLoRA vs PEFT, BERT-base and Llama-8B attention) -> <stem>-nf4.{json,md}
 # Each step runs under `timeout` and the suite goes on when one fails; a summary table ends the log
 # (<stem>-suite.log). <stem> is <device>-<date>, e.g. nvidia-h100-80gb-hbm3-2026-11-23-1402.
 # If $OUT is set (the device tool's return folder), the result files are copied there too.
 #
 # Usage:  bash benchmarks/gpu_suite.sh
-# Knobs (environment): PYTHON (python3), T_INSTALL T_TESTS T_AOT T_BENCH (step limits in seconds),
+# Knobs (environment): PYTHON (python3), T_INSTALL T_TESTS T_AOT T_BENCH T_QUANT (step limits in seconds),
 #   SKIP_INSTALL=1 (package already installed),
 #   PYTEST_ARGS (extra pytest flags, e.g. "-m 'not slow'"), BENCH_ARGS (extra bench flags, e.g.
 #   "--cuda-graphs" or "--quick"), AOT_JOBS (compile processes).
@@ -22,6 +24,7 @@ T_INSTALL=${T_INSTALL:-60}
 T_TESTS=${T_TESTS:-200}
 T_AOT=${T_AOT:-60}
 T_BENCH=${T_BENCH:-200}
+T_QUANT=${T_QUANT:-60}
 AOT_JOBS=${AOT_JOBS:-8}
 RES=benchmarks/results
 mkdir -p "$RES"
@@ -90,6 +93,9 @@ step aot "$T_AOT" $PYP -m lorafast.aot --arch "$CC" --jobs "$AOT_JOBS" --json "$
 step bench "$T_BENCH" env PYTHONUNBUFFERED=1 $PYP -m lorafast bench --shapes bert llama --rank 8 16 64 \
     --dropout 0 0.1 --out "$RES" --name "$STEM" --no-progress ${BENCH_ARGS:-}
 
+step quant "$T_QUANT" env PYTHONUNBUFFERED=1 $PYP -m lorafast bench --quant nf4 --rank 16 --out "$RES" \
+    --name "$STEM-nf4" --no-progress
+
 {
     echo
     echo "=== summary ($STEM, $(($(date +%s) - SUITE_START))s, $FAILED step(s) failed)"
@@ -102,7 +108,8 @@ step bench "$T_BENCH" env PYTHONUNBUFFERED=1 $PYP -m lorafast bench --shapes ber
 } | tee -a "$LOG"
 
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-    for f in "$RES/$STEM.json" "$RES/$STEM.md" "$RES/$STEM.png" "$RES/$STEM-aot.json" "$ENV_TXT" "$LOG"; do
+    for f in "$RES/$STEM.json" "$RES/$STEM.md" "$RES/$STEM.png" "$RES/$STEM-nf4.json" "$RES/$STEM-nf4.md" \
+        "$RES/$STEM-aot.json" "$ENV_TXT" "$LOG"; do
         [ -f "$f" ] && cp "$f" "$OUT/"
     done
     echo "copied results to \$OUT"
