@@ -244,12 +244,19 @@ def test_triton_strategies_on_cpu_without_the_interpreter_are_a_clear_error(monk
 
 
 def test_adapter_dtype_fp32_on_bf16_is_checked_against_float64(tmp_path):
+    from lorafast.kernels import dtypes
+
     argv = ["bench", "--quick", "--device", "cpu", "--dtype", "bf16", "--adapter-dtype", "fp32", "--shapes",
             "32,48,40", "--rank", "4", "--dropout", "0", "--cpu-budget", "0.01", "--out", str(tmp_path), "--name",
-            "a", "--no-progress", "--no-host"]  # fmt: skip
-    assert main(argv) == 0
+            "a", "--no-progress", "--no-host", "--adapter-precision", "fp32"]  # fmt: skip
+    before = dtypes.adapter_precision()
+    try:
+        assert main(argv) == 0
+    finally:
+        dtypes.set_adapter_precision(before)
     report = _strict_json(tmp_path / "a.json")
     assert report["environment"]["dtype"] == "bfloat16" and report["environment"]["adapter_dtype"] == "float32"
+    assert report["environment"]["adapter_precision"] == "fp32"
     assert report["failures"] == [] and all(r["correct"] for r in report["results"])
     lora_rows = [r for r in report["results"] if r["impl"] != "base"]
     assert all(0 < r["errors"]["y"] < 1e-2 for r in lora_rows)  # bf16 rounding, measured, not zero

@@ -35,6 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--adapter-dtype", default=None, help="lora_A/lora_B dtype, e.g. fp32 on a bf16 model (PEFT's upcast)"
     )
+    parser.add_argument(
+        "--adapter-precision",
+        default=None,
+        choices=["fp32", "compute"],
+        help="Triton strategies, fp32 adapters on 16-bit x: rank-r dots in fp32 (PEFT's) or in x's dtype "
+        "(lorafast.kernels.dtypes.set_adapter_precision; default: $LORAFAST_ADAPTER_PRECISION, else compute)",
+    )
     parser.add_argument("--device", default=None, help="cuda | cpu | cuda:N; default cuda when available")
     parser.add_argument(
         "--backend",
@@ -164,6 +171,10 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         if args.quant:
             import bitsandbytes  # noqa: F401
+        if args.adapter_precision:
+            from lorafast.kernels.dtypes import set_adapter_precision
+
+            set_adapter_precision(args.adapter_precision)
     except (ValueError, ImportError) as exc:  # a bad flag: one line, like argparse's own errors
         print(f"lorafast bench: error: {exc}", file=sys.stderr)
         return 2

@@ -130,6 +130,7 @@ def environment(config: BenchConfig) -> Dict[str, object]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dtype": dtype_name(config.dtype),
         "adapter_dtype": dtype_name(config.adapter_dtype or config.dtype),
+        "adapter_precision": _adapter_precision(),
         "backend": config.backend,
         "backend_resolved": _resolved_backend(config),
         "strategies": list(config.strategies if config.strategies is not None else default_strategies(config.device)),
@@ -155,6 +156,16 @@ def source_revision() -> Optional[str]:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _adapter_precision() -> Optional[str]:
+    # The Triton strategies' rank-r dot precision for fp32 adapters on 16-bit x (kernels need triton).
+    try:
+        from lorafast.kernels.dtypes import adapter_precision
+
+        return adapter_precision()
+    except Exception as exc:  # triton missing or a bad $LORAFAST_ADAPTER_PRECISION: reported, not fatal
+        return f"unknown ({describe_exception(exc)})"
 
 
 def _resolved_backend(config: BenchConfig) -> str:

@@ -84,7 +84,8 @@ def _header_lines(report: Dict[str, object]) -> List[str]:
         f"# lorafast bench — {env['device_name']}",
         "",
         f"{env['date']} · torch {env['torch']} · triton {env['triton']} · peft {env['peft']} · "
-        f"dtype {env['dtype']} · adapters {env.get('adapter_dtype', env['dtype'])} · "
+        f"dtype {env['dtype']} · adapters {env.get('adapter_dtype', env['dtype'])} "
+        f"(precision {env.get('adapter_precision', '—')}) · "
         f"lorafast backend {env['backend']} → {env['backend_resolved']} · "
         f"timer {', '.join(timer) or '—'} · source {env.get('source_revision')}",
         "",
