@@ -12,6 +12,11 @@ accuracies agree statistically, not bit for bit; with --dropout 0 they agree to 
     python examples/finetune_classifier.py --impl both
     python examples/finetune_classifier.py --impl both --sweep --epochs 1
     python examples/finetune_classifier.py --task emotion --epochs 4
+    python examples/finetune_classifier.py --impl both --quant nf4   # QLoRA: the base loaded in 4-bit
+
+With --quant nf4/fp4 the base model is loaded in 4-bit through bitsandbytes (transformers'
+BitsAndBytesConfig, double quantization, compute dtype --compute-dtype; on CPU too) and PEFT builds its
+QLoRA layers (peft.tuners.lora.bnb.Linear4bit); lorafast.patch runs them on the fused QLoRA path.
     # online, needs `pip install datasets`:
     python examples/finetune_classifier.py --model distilbert-base-uncased --dataset emotion
 """
@@ -77,6 +82,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--impl", choices=("peft", "lorafast", "both"), default="both")
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                         help="lorafast backend (auto: triton on CUDA, torch on CPU)")
+    parser.add_argument("--quant", choices=("none", "nf4", "fp4"), default="none",
+                        help="load the base model in 4-bit with bitsandbytes (QLoRA)")
+    parser.add_argument("--compute-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="bitsandbytes compute dtype of the 4-bit layers (with --quant)")
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16)
     parser.add_argument("--dropout", type=float, default=0.1)
@@ -177,11 +186,25 @@ def build_model(model_path: str, num_labels: int, r: int, alpha: float, args: ar
 
     torch.manual_seed(args.seed)  # same classifier head and LoRA init for every impl
     transformers.logging.set_verbosity_error()  # "classifier.* newly initialized" is expected here
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
+    quant_kwargs = {}
+    if args.quant != "none":
+        # The classifier head (and BERT's pooler) stay unquantized: PEFT trains the head as modules_to_save.
+        quant_kwargs = dict(
+            quantization_config=transformers.BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=args.quant, bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=getattr(torch, args.compute_dtype),
+                llm_int8_skip_modules=["classifier", "pooler"],
+            ),
+            device_map=args.device,
+        )
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels,
+                                                                             **quant_kwargs)
     targets = args.targets.split(",") if args.targets else None
     config = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=alpha, lora_dropout=args.dropout,
                         target_modules=targets)
-    model = get_peft_model(model, config).to(args.device)
+    model = get_peft_model(model, config)
+    if args.quant == "none":  # a 4-bit model was placed by device_map (and cannot be moved with .to)
+        model = model.to(args.device)
     if impl == "lorafast":
         import lorafast
 
@@ -315,7 +338,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Result]:
     print(f"model {model_path}\ndata: {data_name}, {len(train_texts)} train / "
           f"{len(test_texts)} test, labels {split.label_names}\ndevice {device_name} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}, dropout {args.dropout}, "
-          f"{args.epochs} epoch(s), batch {args.batch_size}, lr {args.lr}")
+          f"{args.epochs} epoch(s), batch {args.batch_size}, lr {args.lr}"
+          + (f", base in 4-bit {args.quant} (compute {args.compute_dtype})" if args.quant != "none" else ""))
     results = []
     for r, alpha in grid:
         results.extend(train_and_evaluate(impls, r, alpha, args, model_path, split, tokenizer))

@@ -43,3 +43,29 @@ def test_main_runs_both_impls_offline(example, monkeypatch, capsys):
     assert abs(fused.accuracy - peft.accuracy) <= 1 / 64
     table = capsys.readouterr().out
     assert "| lorafast | 8 | 16 |" in table and "| peft | 8 | 16 |" in table
+
+
+def test_main_quant_nf4_runs_both_impls(example, monkeypatch, capsys):
+    """--quant nf4: MiniLM loaded in 4-bit through BitsAndBytesConfig on CPU; PEFT's QLoRA layers patched."""
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    results = example.main(["--impl", "both", "--quant", "nf4", "--epochs", "1", "--max-train", "16",
+                            "--max-test", "16", "--batch-size", "8", "--dropout", "0", "--backend", "torch",
+                            "--no-progress"])
+    peft, fused = results
+    assert peft.trainable_params == fused.trainable_params > 0
+    # Same 4-bit weights, no dropout: the two agree to rounding (the LoRA branch runs in the compute dtype).
+    assert fused.final_loss == pytest.approx(peft.final_loss, rel=1e-3)
+    out = capsys.readouterr().out
+    assert "base in 4-bit nf4" in out and "| lorafast | 8 | 16 |" in out
+
+
+def test_build_model_patches_qlora_layers(example):
+    pytest.importorskip("bitsandbytes")
+    from lorafast.qlora import FusedLoraLinear4bit
+
+    args = example.parse_args(["--quant", "nf4", "--device", "cpu"])
+    model = example.build_model(example.bundled_model_dir(), 2, 4, 8, args, "lorafast")
+    patched = [m for m in model.modules() if type(m) is FusedLoraLinear4bit]
+    assert len(patched) == 12  # query and value in each of the 6 layers (PEFT's default BERT targets)
