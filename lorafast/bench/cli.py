@@ -11,6 +11,8 @@ import torch
 
 from lorafast import strategies
 from lorafast.bench.core import BenchConfig, default_strategies, environment, run_benchmark
+from lorafast.bench.host import HostConfig, measure_host
+from lorafast.bench.quant import QUANT_SHAPES, QuantConfig, run_quant
 from lorafast.bench.report import markdown_report, output_stem, write_report
 from lorafast.shapes import parse_dtype, parse_shapes
 
@@ -140,8 +142,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def _host_only(config: BenchConfig) -> Dict[str, object]:
-    from lorafast.bench.host import HostConfig, measure_host
-
     report = {"environment": environment(config), "results": [], "failures": [], "complete": False}
     report["host"] = measure_host(HostConfig(quick=config.quick, budget_s=config.cpu_budget_s))
     report["complete"] = True
@@ -149,8 +149,6 @@ def _host_only(config: BenchConfig) -> Dict[str, object]:
 
 
 def _quant_only(config: BenchConfig, args: argparse.Namespace) -> Dict[str, object]:
-    from lorafast.bench.quant import QUANT_SHAPES, QuantConfig, run_quant
-
     shapes = config.shapes if args.shapes else QUANT_SHAPES["cuda" if config.device.type == "cuda" else "cpu"]
     quant = QuantConfig(
         shapes=shapes, rank=config.ranks[0], dropouts=config.dropouts, dtype=config.dtype, device=config.device,

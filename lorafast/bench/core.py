@@ -15,6 +15,7 @@ import torch
 import lorafast
 from lorafast import roofline, strategies
 from lorafast.bench.checks import TOLERANCE, check_implementation, gpu_peak_bytes, passes, saved_bytes
+from lorafast.bench.host import HostConfig, measure_host
 from lorafast.bench.impls import (
     IMPLEMENTATIONS,
     build_implementations,
@@ -23,7 +24,7 @@ from lorafast.bench.impls import (
     training_call,
 )
 from lorafast.bench.inputs import LoRAInputs, make_inputs
-from lorafast.bench.timing import Timing, time_cpu_round_robin, time_gpu
+from lorafast.bench.timing import load_average, time_calls
 from lorafast.shapes import Shape, dtype_name
 
 
@@ -113,11 +114,6 @@ def versions() -> Dict[str, Optional[str]]:
     found["lorafast"] = lorafast.__version__
     found["python"] = platform.python_version()
     return found
-
-
-def load_average() -> Optional[float]:
-    """The 1-minute load average (None where the OS has none): other processes disturb CPU timings."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def environment(config: BenchConfig) -> Dict[str, object]:
@@ -217,22 +213,6 @@ def describe_exception(exc: BaseException) -> str:
 
 def format_errors(errors: Dict[str, float]) -> str:
     return " ".join(f"{k}={v:.1e}" for k, v in errors.items() if k in ("y", "dx", "da", "db"))
-
-
-def time_calls(
-    calls: Dict[str, Callable[[], object]],
-    device: torch.device,
-    quick: bool,
-    cpu_budget_s: Optional[float] = None,
-    cuda_graph: bool = False,
-) -> Dict[str, Timing]:
-    """Each call's timing: ``do_bench`` per call on CUDA; round-robin medians on CPU (``cpu_budget_s``
-    seconds, default 4, quick 0.5)."""
-    if device.type == "cuda":
-        return {n: time_gpu(call, quick, cuda_graph) for n, call in calls.items()}
-    min_reps, max_reps = (3, 20) if quick else (11, 200)
-    budget = cpu_budget_s if cpu_budget_s is not None else (0.5 if quick else 4.0)
-    return time_cpu_round_robin(calls, min_reps, max_reps, budget, warmup=1 if quick else 2)
 
 
 def _measure_group(
@@ -338,8 +318,6 @@ def run_benchmark(
         bar.update(1)
     bar.close()
     if config.host:
-        from lorafast.bench.host import HostConfig, measure_host
-
         report["host"] = measure_host(HostConfig(quick=config.quick))
     report["complete"] = True
     return report

@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import lorafast
 from lorafast.bench.impls import peft_available, peft_layer
 from lorafast.bench.inputs import LoRAInputs, make_inputs
-from lorafast.bench.timing import time_cpu_round_robin
+from lorafast.bench.timing import load_average, time_cpu_round_robin
 from lorafast.shapes import Shape
 
 # Targets of issue 10, printed beside the measured ratios (lorafast / PEFT).
@@ -173,8 +173,6 @@ class HostRow:
 def measure_host(config: HostConfig = HostConfig()) -> Dict[str, object]:
     """Host µs and launches per call for every variant, p and mode; a JSON-ready dict with ``config``,
     ``rows`` (:class:`HostRow` dicts), ``targets``, ``torch_threads``, ``load_average_before/after``."""
-    from lorafast.bench.core import load_average
-
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     load_before = load_average()

@@ -26,6 +26,7 @@ from lorafast import reference
 from lorafast.bench.checks import relative_error, saved_bytes
 from lorafast.bench.impls import Implementation, inference_call, training_call
 from lorafast.bench.inputs import LoRAInputs, make_inputs
+from lorafast.bench.timing import time_calls
 from lorafast.shapes import Shape, dtype_name
 
 # CPU-sized on CPU (bitsandbytes' CPU 4-bit matmul dequantizes per call); BERT-base and Llama-8B on CUDA.
@@ -164,8 +165,6 @@ def _float64_outputs(inputs: LoRAInputs, weight64: torch.Tensor, mode: str, base
 def run_quant(config: QuantConfig) -> Dict[str, object]:
     """Every shape × (eval fwd, fwd+bwd at each p) × implementation; a JSON-ready dict with ``config``,
     ``rows`` (:class:`QuantRow` dicts) and ``notes``."""
-    from lorafast.bench.core import time_calls
-
     rows: List[QuantRow] = []
     notes: List[str] = []
     for shape in config.shapes:
@@ -191,9 +190,10 @@ def run_quant(config: QuantConfig) -> Dict[str, object]:
                     raise RuntimeError("--quant: two quantizations of the same weight differ; cannot compare")
             impls = {"lorafast": _implementation("lorafast", fused), "peft": _implementation("peft", peft),
                      "base": _base_layer(peft)}  # fmt: skip
-            make = inference_call if mode == "fwd" else None
-            calls = {n: make(impl, inputs.x) if make else training_call(impl, inputs.x, inputs.dy)
-                     for n, impl in impls.items()}  # fmt: skip
+            if mode == "fwd":
+                calls = {n: inference_call(impl, inputs.x) for n, impl in impls.items()}
+            else:
+                calls = {n: training_call(impl, inputs.x, inputs.dy) for n, impl in impls.items()}
             errors: Dict[str, Dict[str, float]] = {}
             for name, call in calls.items():
                 if dropout_p > 0.0:

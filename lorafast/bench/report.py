@@ -11,7 +11,9 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 from lorafast.bench.checks import GRAD_NAMES
+from lorafast.bench.host import host_markdown
 from lorafast.bench.impls import IMPLEMENTATIONS
+from lorafast.bench.quant import quant_markdown
 from lorafast.strategies import STRATEGIES
 
 
@@ -195,12 +197,8 @@ def markdown_report(report: Dict[str, object]) -> str:
         lines += _timing_table(report, summary_rows(report), timed)
         lines += _correctness_table(report)
     if report.get("host"):
-        from lorafast.bench.host import host_markdown
-
         lines += [host_markdown(report["host"]), ""]
     if report.get("quant"):
-        from lorafast.bench.quant import quant_markdown
-
         lines += [quant_markdown(report["quant"]), ""]
     if report["failures"]:
         lines += ["## Correctness failures", ""] + [f"- {failure}" for failure in report["failures"]] + [""]

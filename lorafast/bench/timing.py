@@ -4,10 +4,13 @@ and each one's median of ``time.perf_counter`` is taken."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
+
+import torch
 
 
 @dataclass
@@ -69,3 +72,24 @@ def time_gpu(call: Callable[[], object], quick: bool, cuda_graph: bool) -> Timin
     return Timing(median, p20, p80, -1, timer)
 
 
+
+
+def load_average() -> Optional[float]:
+    """The 1-minute load average (None where the OS has none): other processes disturb CPU timings."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def time_calls(
+    calls: Dict[str, Callable[[], object]],
+    device: torch.device,
+    quick: bool,
+    cpu_budget_s: Optional[float] = None,
+    cuda_graph: bool = False,
+) -> Dict[str, Timing]:
+    """Each call's timing: ``do_bench`` per call on CUDA; round-robin medians on CPU (``cpu_budget_s``
+    seconds, default 4, quick 0.5)."""
+    if device.type == "cuda":
+        return {n: time_gpu(call, quick, cuda_graph) for n, call in calls.items()}
+    min_reps, max_reps = (3, 20) if quick else (11, 200)
+    budget = cpu_budget_s if cpu_budget_s is not None else (0.5 if quick else 4.0)
+    return time_cpu_round_robin(calls, min_reps, max_reps, budget, warmup=1 if quick else 2)
