@@ -22,9 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from lorafast.kernels.configs import EPILOGUE, gpu_configs, launch
+from lorafast.kernels.configs import EPILOGUE, GEMM, gpu_configs, launch, m_bucket
+from lorafast.kernels.dtypes import dot_precision
+from lorafast.kernels.lora_fwd import grouped_tile
 
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @triton.jit
@@ -128,9 +131,85 @@ def dequantize_4bit(
     return out
 
 
+@triton.jit
+def gemm_4bit_kernel(
+    x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, y_ptr,
+    M, N, K, M_BUCKET, blocksize,
+    stride_xm, stride_xk, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Y[M, N] = X·dequant(W)ᵀ + b with W (N×K, row-major 4-bit, blockwise fp32 absmax) dequantized tile by
+    tile inside the K loop: W is read as 0.5 byte per element and never written out.
+
+    The W tile (BLOCK_K × BLOCK_N) is dequantized in fp32 (code · absmax, as bitsandbytes) and rounded to x's
+    dtype for the dot, so it equals the dequantize-then-GEMM path's W (on the GPU; the interpreter rounds
+    fp32 → bf16 by truncation). Nested absmax is dequantized to fp32 by the caller (N·K/blocksize values).
+    """
+    tile_m, tile_n = grouped_tile(tl.program_id(0).to(tl.int64), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    row_start = offs_n.to(tl.int64) * K  # flat index of W[n, 0]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < K
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+        )
+        flat = row_start[None, :] + offs_k[:, None]  # (BLOCK_K, BLOCK_N) flat indices of W[n, k]
+        mask_w = mask_k[:, None] & mask_n[None, :]
+        byte = tl.load(packed_ptr + flat // 2, mask=mask_w, other=0).to(tl.int32)
+        nibble = tl.where(flat % 2 == 0, byte >> 4, byte & 15)
+        w = tl.load(code_ptr + nibble, mask=mask_w, other=0.0) * tl.load(
+            absmax_ptr + flat // blocksize, mask=mask_w, other=0.0
+        )
+        acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :],
+    )
+
+
+def gemm_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    n: int,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Y = x·dequant(W)ᵀ + b for a 4-bit W (n×K) dequantized inside the GEMM's K loop.
+
+    x: (M, K) fp16/bf16/fp32, any strides. packed: ceil(n·K/2) bytes (uint8, contiguous). absmax:
+    (ceil(n·K/blocksize),) fp32 (a nested absmax dequantized first). code: (16,) fp32 (:func:`code_table`).
+    bias: (n,) or None. Returns (M, n) in x's dtype.
+    """
+    M, K = x.shape
+    y = torch.empty((M, n), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    packed_u8 = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    launch(
+        gemm_4bit_kernel, GEMM, x.device,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
+        (x, packed_u8, absmax, code, bias if bias is not None else y, y, M, n, K, m_bucket(M), int(blocksize),
+         x.stride(0), x.stride(1), y.stride(0), y.stride(1)),
+        HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), GROUP_M=8,
+        fp32=x.dtype == torch.float32,
+    )
+    return y
+
+
 def aot_entries(arch: int) -> List:
-    """The dequant kernel's compile-gate entries for compute capability ``arch`` (plain and nested absmax,
-    bf16 output; fp16/fp32 outputs differ only in the final store)."""
+    """Compile-gate entries for compute capability ``arch``: the dequant kernel (plain and nested absmax, bf16
+    output; fp16/fp32 outputs differ only in the final store) and the 4-bit GEMM (bf16 and fp32 x)."""
     from lorafast.kernels.registry import AotEntry
 
     entries = []
@@ -143,4 +222,17 @@ def aot_entries(arch: int) -> List:
         name = "dequant_4bit[nested]" if nested else "dequant_4bit"
         entries.append(AotEntry(name, dequant_4bit_kernel, signature, {"NESTED": nested, "OUT_BF16": True},
                                 gpu_configs(EPILOGUE, arch), False, arch, "bf16"))
+    for dtype in ("bf16", "fp32"):
+        fp32 = dtype == "fp32"
+        signature = {
+            "x_ptr": f"*{dtype}", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
+            "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
+            "M": "i32:16", "N": "i32:16", "K": "i32:16", "M_BUCKET": "i32:16", "blocksize": "i32:16",
+            "stride_xm": "i32:16", "stride_ym": "i32:16",
+        }
+        constexprs = {"stride_xk": 1, "stride_yn": 1, "HAS_BIAS": True, "GROUP_M": 8,
+                      "DOT_PRECISION": "ieee" if fp32 else "tf32"}
+        # fp32: IEEE dots on FMA units (torch's default precision), so no tensor-core check there.
+        entries.append(AotEntry("gemm_4bit", gemm_4bit_kernel, signature, constexprs,
+                                gpu_configs(GEMM, arch, fp32), not fp32, arch, dtype))
     return entries

@@ -62,6 +62,11 @@ QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # What follows the dequant on CUDA when the dispatcher must not time (compile tracing, graph capture).
 DEFAULT_CUDA = "cublas"
+# Strategy (b): W dequantized inside the base GEMM's K loop (lorafast.kernels.dequant.gemm_4bit). It reads
+# 0.5 B per weight element instead of writing and re-reading a 2 B copy, which pays where the GEMM is
+# memory-bound: small M. Offered to the dispatcher up to this M (an unmeasured bound: no GPU has timed it).
+GEMM_4BIT = "gemm4bit"
+GEMM_4BIT_MAX_M = 512
 # Expected module states where PEFT's forward is the right thing: a debug log line, no warning.
 _QUIET_REASONS = frozenset(
     {"adapters disabled", "adapters merged", "adapter_names mixed batch", "no active adapter on this layer",
@@ -177,6 +182,44 @@ def dequantize(snap: QuantSnapshot, dtype: torch.dtype, use_triton: bool) -> tor
     return weight if weight.dtype == dtype else weight.to(dtype)
 
 
+def _absmax_fp32(snap: QuantSnapshot) -> torch.Tensor:
+    """The blockwise absmax as fp32, a nested one dequantized as bitsandbytes does (product, then offset)."""
+    if snap.nested_absmax is None:
+        return snap.absmax
+    scales = snap.nested_absmax.repeat_interleave(snap.nested_blocksize)[: snap.absmax.numel()]
+    return snap.nested_code[snap.absmax.long()] * scales + snap.offset.reshape(()).float()
+
+
+def strategy_forward(name: str, x: torch.Tensor, snap: QuantSnapshot, bias: Optional[torch.Tensor],
+                     lora_a: torch.Tensor, lora_b: torch.Tensor, scale: Union[float, torch.Tensor],
+                     seed: Optional[torch.Tensor], p: float, use_triton: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y (M, N) in x's dtype, H (M, r) fp32) of QLoRA strategy ``name``: a lorafast strategy on the weight
+    dequantized to a transient buffer, or GEMM_4BIT (W dequantized inside the base GEMM's K loop, the LoRA
+    terms by the ``cublas`` strategy's Triton side kernels)."""
+    if name == GEMM_4BIT:
+        from lorafast.kernels.dequant import code_table, gemm_4bit
+        from lorafast.kernels.lora_fwd import lora_expand_add, lora_shrink
+
+        h = lora_shrink(x, lora_a, seed, p)
+        y = gemm_4bit(x, snap.packed, _absmax_fp32(snap), code_table(snap.quant_type, snap.code), snap.blocksize,
+                      snap.shape[0], bias)
+        lora_expand_add(y, h, lora_b, scale, h_factor=1.0 / (1.0 - p))
+        return y, h
+    weight = dequantize(snap, x.dtype, use_triton)
+    return strategies.get(name).forward(x, weight, bias, lora_a, lora_b, scale, seed, p)
+
+
+def strategy_backward(name: str, grad_y: torch.Tensor, x: torch.Tensor, snap: QuantSnapshot, lora_a: torch.Tensor,
+                      lora_b: torch.Tensor, h: torch.Tensor, scale: Union[float, torch.Tensor],
+                      seed: Optional[torch.Tensor], p: float, use_triton: bool,
+                      needs: Tuple[bool, bool, bool, bool]) -> tuple:
+    """(dX, dA, dB, db) of QLoRA strategy ``name`` (fp32 accumulators, None where not needed); W is
+    dequantized again, only when dX is needed. GEMM_4BIT's backward is ``cublas``'s on the dequantized W."""
+    weight = dequantize(snap, grad_y.dtype, use_triton) if needs[0] else x.new_empty((0, x.shape[1]))
+    impl = strategies.get("cublas" if name == GEMM_4BIT else name)
+    return impl.backward(grad_y, x, weight, lora_a, lora_b, h, scale, seed, p, *needs)
+
+
 class QLoraFunction(torch.autograd.Function):
     """y = x·dequant(W)ᵀ + b + s/(1−p)·H·Bᵀ with the strategy's fused backward; W dequantized in both passes.
 
@@ -188,9 +231,8 @@ class QLoraFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, lora_a, lora_b, scale, seed, dropout_p, strategy, use_triton, snap, *quant):
-        weight = dequantize(snap, x.dtype, use_triton)
-        y, h = strategies.get(strategy).forward(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p)
-        del weight  # transient: freed before backward, rebuilt there
+        # The dequantized weight is transient: freed on return, rebuilt in backward.
+        y, h = strategy_forward(strategy, x, snap, bias, lora_a, lora_b, scale, seed, dropout_p, use_triton)
         ctx.float_scale = None if isinstance(scale, torch.Tensor) else scale
         ctx.save_for_backward(x, lora_a, lora_b, h, scale if ctx.float_scale is None else None, seed, *quant)
         ctx.snap, ctx.dropout_p, ctx.strategy, ctx.use_triton = snap, dropout_p, strategy, use_triton
@@ -207,10 +249,9 @@ class QLoraFunction(torch.autograd.Function):
             return (None,) * n_inputs
         need_dx, need_dbias, need_da, need_db_lora = ctx.needs_input_grad[:4]
         snap = ctx.snap.with_tensors(tuple(quant))
-        weight = dequantize(snap, grad_y.dtype, ctx.use_triton) if need_dx else x.new_empty((0, x.shape[1]))
-        dx, da, db_lora, dbias = strategies.get(ctx.strategy).backward(
-            grad_y, x, weight, lora_a, lora_b, h, scale, seed, ctx.dropout_p, need_dx, need_da, need_db_lora,
-            need_dbias,
+        dx, da, db_lora, dbias = strategy_backward(
+            ctx.strategy, grad_y, x, snap, lora_a, lora_b, h, scale, seed, ctx.dropout_p, ctx.use_triton,
+            (need_dx, need_da, need_db_lora, need_dbias),
         )
         return (
             dx if need_dx else None,
@@ -360,19 +401,25 @@ def _grad_needs(call: _QCall) -> Tuple[bool, bool, bool, bool]:
 
 def choose(backend: str, call: _QCall, x2: torch.Tensor, scale: torch.Tensor,
            needs: Tuple[bool, bool, bool, bool]) -> Tuple[str, bool]:
-    """(LoRA strategy run after the dequant, whether the Triton dequant kernel runs).
+    """(QLoRA strategy, whether the Triton dequant kernel runs).
 
-    CPU: "auto"/"aten" → bitsandbytes' dequant + ``aten``; an explicit Triton strategy runs under the
-    interpreter with the Triton dequant (tests). CUDA: the Triton dequant (when Triton is installed) and, for
-    "auto", the fastest of cublas/fused/aten by :func:`lorafast.dispatch.select` with op = quant_type.
+    CPU: "auto"/"aten" → bitsandbytes' dequant + ``aten``; an explicit Triton strategy (or GEMM_4BIT) runs
+    under the interpreter with the Triton dequant (tests). CUDA: the Triton dequant (when Triton is installed)
+    and, for "auto", the fastest by :func:`lorafast.dispatch.select` (key op = quant_type) of dequant +
+    cublas/fused/aten and, for 16-bit x with M ≤ GEMM_4BIT_MAX_M, GEMM_4BIT.
     """
     snap = call.snap
     weight_like = torch.empty((snap.shape[0], 0), device="meta")  # only its N is read by resolve/dispatch
     have_triton = strategies._triton_available()
+    if backend == GEMM_4BIT:  # explicit (tests; set as the layer's backend attribute)
+        strategies.resolve("cublas", x2, weight_like, call.lora_a, call.dropout_p, needs)  # device/triton checks
+        return GEMM_4BIT, True
     if backend == "auto" and x2.is_cuda and have_triton and strategies.triton_fallback(x2, call.lora_a) is None:
         from lorafast import dispatch
 
         candidates = ("cublas", "aten") if x2.dtype == torch.float32 else strategies.STRATEGIES
+        if x2.dtype != torch.float32 and x2.shape[0] <= GEMM_4BIT_MAX_M and snap.dtype in (x2.dtype, torch.float32):
+            candidates = (*candidates, GEMM_4BIT)
         key = dispatch.StrategyKey.for_call(x2, weight_like, call.lora_a, call.dropout_p, *needs, op=snap.quant_type)
         make_run = _timing_run(x2, call, scale, needs)
         return dispatch.select(key, candidates, make_run, default=DEFAULT_CUDA), True
@@ -388,21 +435,19 @@ def _timing_run(x2: torch.Tensor, call: _QCall, scale: torch.Tensor,
     (the default generator is not touched)."""
 
     def make_run(name: str) -> Callable[[], None]:
-        impl = strategies.get(name)
         p = call.dropout_p
         seed = torch.full((1,), 12345, dtype=torch.int64, device=x2.device) if p > 0.0 else None
         grad_y = []
 
         def run() -> None:
             with torch.no_grad():
-                weight = dequantize(call.snap, x2.dtype, True)
-                y, h = impl.forward(x2, weight, call.bias, call.lora_a, call.lora_b, scale, seed, p)
-                del weight
+                y, h = strategy_forward(name, x2, call.snap, call.bias, call.lora_a, call.lora_b, scale, seed, p,
+                                        True)
                 if any(needs):
                     if not grad_y:
                         grad_y.append(torch.full_like(y, 1e-2))
-                    weight = dequantize(call.snap, x2.dtype, True) if needs[0] else x2.new_empty((0, x2.shape[1]))
-                    impl.backward(grad_y[0], x2, weight, call.lora_a, call.lora_b, h, scale, seed, p, *needs)
+                    strategy_backward(name, grad_y[0], x2, call.snap, call.lora_a, call.lora_b, h, scale, seed, p,
+                                      True, needs)
 
         return run
 
@@ -429,8 +474,7 @@ def qlora_linear(call: _QCall, backend: str = "auto") -> torch.Tensor:
     if any(needs):
         y = QLoraFunction.apply(*args)
     else:  # inference: no graph to record
-        weight = dequantize(snap, x2.dtype, use_triton)
-        y, _ = strategies.get(strategy).forward(x2, weight, call.bias, call.lora_a, call.lora_b, scale, seed, p)
+        y, _ = strategy_forward(strategy, x2, snap, call.bias, call.lora_a, call.lora_b, scale, seed, p, use_triton)
     y = y.reshape(*lead, snap.shape[0])
     return y if y.dtype == call.out_dtype else y.to(call.out_dtype)
 

@@ -17,6 +17,7 @@ from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit  # noqa: E402
 from utils import assert_close  # noqa: E402
 
 import lorafast  # noqa: E402
+import lorafast.dropout  # noqa: E402
 from lorafast import functional, qlora, reference  # noqa: E402
 from lorafast.strategies import aten  # noqa: E402
 
@@ -328,6 +329,32 @@ def test_triton_strategies_under_the_interpreter():
         _, fused_model, peft_layer, layer = make_pair(K=40, N=24, r=2, bias="all")
         lorafast.patch(fused_model, backend=backend)
         check_against_peft(peft_layer, layer, torch.randn(6, 40), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("nested", [True, False], ids=["double_quant", "single_quant"])
+def test_gemm_4bit_strategy_under_the_interpreter(dtype, nested):
+    """Strategy (b): W dequantized inside the GEMM's K loop (K = 72 is not a multiple of the 64-block, nor of
+    the interpreter's 32-wide K tile), with dropout, against the float64 reference on the dequantized W."""
+    P = 0.2
+    _, fused_model, peft_layer, layer = make_pair(K=72, N=40, r=3, bias="all", compute_dtype=dtype,
+                                                  weight_dtype=dtype, nested=nested, dropout=P, quant_type="fp4")
+    layer._lorafast_backend = qlora.GEMM_4BIT  # not a public backend name: set as patch stores one
+    layer.train()
+    x = torch.randn(2, 5, 72, dtype=dtype, requires_grad=True)
+    torch.manual_seed(7)
+    y = layer(x)
+    torch.manual_seed(7)
+    mask = lorafast.dropout.keep_mask(functional._dropout_seed(x.device), 10, 72, P)
+    y_ref, x64, params64 = float64_reference(layer, x, P, mask.reshape(2, 5, 72))
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    assert mask.float().mean() < 1.0
+    assert_close(y, y_ref, dtype, what="y")
+    assert_close(x.grad, x64.grad, dtype, what="dx")
+    for got, p64, what in zip(lora_grads(layer), params64, ("dA", "dB", "dbias")):
+        assert_close(got, p64.grad, dtype, what=what)
 
 
 def _tiny_llama_4bit(path, quant_type="nf4"):
