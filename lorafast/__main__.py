@@ -1,7 +1,8 @@
 """``python -m lorafast <command>`` (also the ``lorafast`` console script).
 
 Commands:
-    bench     correctness, speed and memory of lorafast vs PEFT, the reference and the frozen linear
+    bench     correctness, speed and memory of lorafast (and each strategy) vs PEFT, the reference and the frozen
+              linear, plus host cost per call; --host (host cost only), --quant nf4 (QLoRA vs PEFT)
     roofline  predicted times and ratios on H100 / H200 for the bench shapes
 
 Each command is a module exposing ``add_arguments(parser)`` and ``run(args) -> int``; add one by
@@ -16,7 +17,7 @@ from typing import List, Optional
 
 # name -> (module, one-line help).
 COMMANDS = {
-    "bench": ("lorafast.bench", "check and time lorafast against PEFT, the reference and the floor"),
+    "bench": ("lorafast.bench", "check and time lorafast against PEFT, the reference and the floor (--host, --quant)"),
     "roofline": ("lorafast.roofline", "print the roofline prediction table (H100/H200)"),
 }
 

@@ -5,6 +5,7 @@ No timing assertions: only that the report is complete, finite and self-consiste
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -317,6 +318,21 @@ def test_host_section_counts_stubbed_triton_launches_and_restores_them():
     assert result["torch_threads"] == 1 and torch.get_num_threads() >= 1
     markdown = host.host_markdown(result)
     assert "Host cost" in markdown and "host ≤ 0.8×" in markdown and "launches ≤ 0.7×" in markdown
+
+
+def test_stubbed_launches_are_restored_when_the_body_raises(monkeypatch):
+    from lorafast.bench import host
+    from lorafast.kernels import configs, lora_bwd
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    original, counter = configs.launch, [0]
+    with pytest.raises(RuntimeError, match="boom"):
+        with host.stubbed_triton_launches(counter):
+            assert lora_bwd.launch is not original and configs.launch is not original  # where launchers look
+            lora_bwd.launch(None, "gemm", None, None, ())
+            raise RuntimeError("boom")
+    assert counter == [1] and lora_bwd.launch is original and configs.launch is original
+    assert os.environ["TRITON_INTERPRET"] == "0"
 
 
 def test_cli_host_only_writes_the_host_report(tmp_path):
