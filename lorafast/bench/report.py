@@ -206,8 +206,8 @@ def markdown_report(report: Dict[str, object]) -> str:
 
 
 def plot_speedups(report: Dict[str, object], path: str) -> Optional[str]:
-    """PNG bar chart of the measured speedup vs PEFT per configuration, with the ceiling
-    t_PEFT / t_base (what a LoRA layer as cheap as the frozen linear would get). Returns the path,
+    """PNG bar chart of the measured speedup vs PEFT per configuration (lorafast and each strategy timed), with
+    the ceiling t_PEFT / t_base (what a LoRA layer as cheap as the frozen linear would get). Returns the path,
     or None (with a message) when matplotlib is missing or there is no PEFT baseline."""
     rows = [row for row in summary_rows(report) if row["speedup_vs_peft"] is not None]
     if not rows:
@@ -226,12 +226,17 @@ def plot_speedups(report: Dict[str, object], path: str) -> Optional[str]:
         for row in rows
     ]
     positions = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(rows)), 4.5))
-    ax.bar([i - 0.2 for i in positions], [row["speedup_vs_peft"] for row in rows], width=0.4, label="lorafast")
+    # One bar per series: lorafast (auto), each strategy timed on its own, then the ceiling.
+    series = [("lorafast", "lorafast"), *((name, f"strategy {name}") for name in strategies_timed(report))]
+    width = 0.8 / (len(series) + 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(rows) * (len(series) + 1)), 4.5))
+    for j, (impl, label) in enumerate(series):
+        values = [(row["ms"].get("peft") or 0.0) / row["ms"][impl] if row["ms"].get(impl) else 0.0 for row in rows]
+        ax.bar([i - 0.4 + (j + 0.5) * width for i in positions], values, width=width, label=label)
     ax.bar(
-        [i + 0.2 for i in positions],
+        [i - 0.4 + (len(series) + 0.5) * width for i in positions],
         [row["peft_vs_base"] for row in rows],
-        width=0.4,
+        width=width,
         label="ceiling: frozen linear alone",
         alpha=0.5,
     )
