@@ -106,21 +106,25 @@ def run(
     dropout probability in effect (0 outside training), ``strategy`` a STRATEGIES name. Returns
     (*lead, N). Per call: a seed tensor when p > 0, then the strategy's launches; nothing else."""
     seed = _dropout_seed(x2.device) if p > 0.0 else None
-    args = (x2, weight, bias, lora_a, lora_b, scale, seed, p, strategy)
     if torch.compiler.is_compiling():
         if not isinstance(scale, torch.Tensor):  # the custom op's schema takes a tensor
-            args = (x2, weight, bias, lora_a, lora_b, scale_tensor(scale, x2), seed, p, strategy)
-        y, _ = ops.lora_linear_fwd(*args)
+            scale = scale_tensor(scale, x2)
+        y, _ = ops.lora_linear_fwd(x2, weight, bias, lora_a, lora_b, scale, seed, p, strategy)
     elif torch.is_grad_enabled() and (
         x2.requires_grad or lora_a.requires_grad or lora_b.requires_grad or weight.requires_grad
         or (bias is not None and bias.requires_grad)
     ):
-        y, _ = ops.LoraLinearFunction.apply(*args)
+        y = ops.apply_function(x2, weight, bias, lora_a, lora_b, scale, seed, p, strategy)
     else:  # inference: no graph to record, so skip autograd.Function's bookkeeping (~35 µs a call on CPU)
-        y, _ = ops.forward_impl(*args)
+        y, _ = strategies.get(strategy).forward(x2, weight, bias, lora_a, lora_b, scale, seed, p)
+    if len(lead) == 1:  # x was 2-D: y already has its shape
+        return y
     # Not y.reshape: like nn.Linear (matmul's _unsafe_view), the result is not a view, so in-place ops on it
     # keep FSDP2's pre-backward hook (fully_shard warns about view outputs). Safe: the op's y has no other user.
-    return torch.ops.aten._unsafe_view(y, (*lead, weight.shape[0]))
+    return _unsafe_view(y, (*lead, weight.shape[0]))
+
+
+_unsafe_view = torch.ops.aten._unsafe_view.default  # the overload itself: skips the packet's overload lookup
 
 
 def lora_linear(

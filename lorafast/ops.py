@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lorafast import strategies
-from lorafast.strategies.aten import accum_dtype
+from lorafast.strategies.aten import accum_dtype, as_dtype
 
 
 def forward_impl(x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p, strategy):
@@ -89,12 +89,8 @@ def _(grad_y, x, weight, lora_a, lora_b, h, scaling, seed, dropout_p, backend, n
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p, backend = inputs
     _, h = output
-    if isinstance(scaling, Tensor):
-        ctx.float_scale = None
-        ctx.save_for_backward(x, weight, lora_a, lora_b, h, seed, scaling)
-    else:  # a python float (eager aten calls, see functional.op_scale)
-        ctx.float_scale = scaling
-        ctx.save_for_backward(x, weight, lora_a, lora_b, h, seed)
+    ctx.float_scale = None  # the custom op's scaling is always a tensor
+    ctx.save_for_backward(x, weight, lora_a, lora_b, h, seed, scaling)
     ctx.dropout_p = dropout_p
     ctx.backend = backend
     ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -124,9 +120,9 @@ def _grads_from(ctx, grad_y, run_backward):
     return (
         dx if need_dx else None,
         dw,
-        dbias.to(ctx.bias_dtype) if need_dbias else None,
-        da.to(lora_a.dtype) if need_da else None,
-        db_lora.to(lora_b.dtype) if need_db_lora else None,
+        as_dtype(dbias, ctx.bias_dtype) if need_dbias else None,
+        as_dtype(da, lora_a.dtype) if need_da else None,
+        as_dtype(db_lora, lora_b.dtype) if need_db_lora else None,
         None,
         None,
         None,
@@ -147,7 +143,8 @@ lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """The same forward/backward as the custom ops, for eager mode.
+    """The same forward/backward as the custom ops, for eager mode: returns y only (H is saved, not an
+    output, which spares autograd a non-differentiable output per call).
 
     Eager calls skip the torch.library dispatch layers (custom_op + register_autograd cost about 30 µs
     in forward and 140 µs in backward per call on the 2-core CPU, which matters at small shapes);
@@ -156,10 +153,31 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p, backend):
-        y, h = forward_impl(x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p, backend)
-        _setup_context(ctx, (x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p, backend), (y, h))
-        return y, h
+        y, h = strategies.get(backend).forward(x, weight, bias, lora_a, lora_b, scaling, seed, dropout_p)
+        if isinstance(scaling, Tensor):
+            ctx.float_scale = None
+            ctx.save_for_backward(x, weight, lora_a, lora_b, h, seed, scaling)
+        else:
+            ctx.float_scale = scaling
+            ctx.save_for_backward(x, weight, lora_a, lora_b, h, seed)
+        ctx.dropout_p = dropout_p
+        ctx.backend = backend
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.set_materialize_grads(False)
+        return y
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_h):
+    def backward(ctx, grad_y):
         return _grads_from(ctx, grad_y, strategies.get(ctx.backend).backward)
+
+
+# autograd.Function.apply's Python wrapper binds default args and unwraps functorch wrappers (~5 µs a call
+# at 9 arguments); with no functorch transform active and no setup_context, it then calls this.
+_apply_function = super(torch.autograd.Function, LoraLinearFunction).apply
+
+
+def apply_function(*args):
+    """``LoraLinearFunction.apply(*args)`` → y, without the Python wrapper's work when it has none to do."""
+    if torch._C._are_functorch_transforms_active():
+        return LoraLinearFunction.apply(*args)
+    return _apply_function(*args)

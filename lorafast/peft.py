@@ -27,7 +27,6 @@ adapter dtypes, adapters narrower than the input outside autocast (e.g. bf16 ada
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import warnings
@@ -41,8 +40,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
-from lorafast.functional import lora_linear
+from lorafast import functional
+from lorafast.functional import autocast_inputs, lora_linear, op_scale, scale_tensor
 from lorafast.strategies import BACKENDS
+from lorafast.validation import check_lora_linear_args
 
 logger = logging.getLogger(__name__)
 # Autocast casts these (not float64) to its dtype for linear layers.
@@ -50,6 +51,7 @@ _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Plain attributes (not parameters/buffers/submodules, so PEFT never sees them as adapter state).
 _BACKEND_ATTR = "_lorafast_backend"
 _NAME_ATTR = "_lorafast_name"
+_PLAN_ATTR = "_lorafast_plan"
 # Module states where PEFT's forward is already only the base layer (or per-sample): not worth a warning.
 _QUIET_REASONS = frozenset(
     {"adapters disabled", "adapters merged", "adapter_names mixed batch", "no active adapter on this layer",
@@ -66,93 +68,144 @@ class _Fallback(NamedTuple):
     detail: str = ""  # layer-specific specifics for the log line
 
 
-class _FusedCall(NamedTuple):
-    x: torch.Tensor
-    weight: torch.Tensor
-    bias: Optional[torch.Tensor]
-    lora_a: torch.Tensor
-    lora_b: torch.Tensor
-    scaling: Union[float, torch.Tensor]
-    dropout_p: float
-    autocast_device: Optional[str]  # device type whose autocast must be off inside the op
+class _Plan(NamedTuple):
+    """What a layer's forward does for one module state (see ``FusedLoraLinear._plan_key``): fall back,
+    or run the op on tensors read from the held modules per call (never a cached derived tensor)."""
+
+    key: tuple  # the state it was made for
+    fallback: Optional[_Fallback]
+    names: tuple = ()  # active adapters present on this layer
+    dropout_p: float = 0.0
+    autocast_device: Optional[str] = None  # device type whose autocast the op runs under (then turned off)
+    adapter_dtype: Optional[torch.dtype] = None  # cast the adapters to this first (PEFT's autocast rule)
+    lora_bias: bool = False  # some lora_B has a bias: fold s·b_B into the op's bias vector
+    in_features: int = 0
 
 
 class FusedLoraLinear(PeftLoraLinear):
-    """PEFT ``lora.Linear`` whose forward runs :func:`lorafast.lora_linear` when it can.
+    """PEFT ``lora.Linear`` whose forward runs the fused op when it can.
 
     Never constructed directly: :func:`patch` (or the :func:`register` dispatcher) sets a PEFT layer's
     ``__class__`` to this. Shapes as PEFT: x (..., in_features) → (..., out_features), output in the
     base layer's result dtype (x's dtype, or the autocast dtype under ``torch.autocast``).
+
+    The checks PEFT's state needs (adapters, variants, hooks, dtypes, devices, dropout, autocast) run once
+    per state, not per call: the layer keeps a plan keyed by a cheap fingerprint of everything they read
+    (module and parameter identities, dtypes, devices, shapes, dropout p and mode, scales, hook presence,
+    autocast state, x's dtype and device), rebuilt whenever the fingerprint changes. Tensors are read from
+    the modules on every call, so in-place weight updates and hotswaps are always seen.
     """
 
+    def _get_name(self) -> str:
+        # print(model) and PEFT's get_layer_status read the class name: keep PEFT's "lora.Linear(...)".
+        return PeftLoraLinear.__name__
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        call = self._fused_call(x, args, kwargs)
-        if isinstance(call, _Fallback):
-            _report_fallback(self, call)
+        if args or kwargs:
+            fallback = self._call_fallback(args, kwargs)
+            if fallback is not None:
+                _report_fallback(self, fallback)
+                return super().forward(x, *args, **kwargs)
+        key = self._plan_key(x)
+        plan = self.__dict__.get(_PLAN_ATTR)
+        if plan is None or plan.key != key:
+            plan = self._make_plan(x, key)
+            self.__dict__[_PLAN_ATTR] = plan
+        if plan.fallback is not None:
+            _report_fallback(self, plan.fallback)
             return super().forward(x, *args, **kwargs)
-        autocast_off = (
-            torch.autocast(call.autocast_device, enabled=False)
-            if call.autocast_device is not None
-            else contextlib.nullcontext()
-        )
-        with autocast_off:
-            return lora_linear(
-                call.x,
-                call.weight,
-                call.bias,
-                call.lora_a,
-                call.lora_b,
-                call.scaling,
-                dropout_p=call.dropout_p,
-                training=call.dropout_p > 0.0,
-                backend=getattr(self, _BACKEND_ATTR, "auto"),
-            )
+        return self._run_plan(plan, x)
 
-    def _fused_call(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Union[_Fallback, _FusedCall]:
-        """The fused op's arguments, equivalent to PEFT's forward on this input, or why there are none.
-
-        Runs on every forward, so it reads submodules from ``_modules`` (nn.Module.__getattr__ costs
-        ~0.5 µs a lookup) and walks the active adapters once.
-        """
-        if self.disable_adapters:
-            return _Fallback("adapters disabled")
-        if kwargs and kwargs.get("adapter_names") is not None:
+    def _call_fallback(self, args: tuple, kwargs: dict) -> Optional[_Fallback]:
+        """Why this call's extra arguments need PEFT's forward, or None (keywords PEFT only pops)."""
+        if kwargs.get("adapter_names") is not None:
             return _Fallback("adapter_names mixed batch")
+        if args or not _IGNORED_KWARGS.issuperset(kwargs):
+            extra = f"{len(args)} positional, keywords {sorted(set(kwargs) - _IGNORED_KWARGS)}"
+            return _Fallback("extra forward arguments", extra)
+        return None
+
+    def _plan_key(self, x: torch.Tensor) -> tuple:
+        """Everything :meth:`_make_plan` reads, cheaply (µs): the plan is valid while this stays equal.
+
+        Identities are ``id``s of objects the modules keep alive (a replaced module or parameter gives a new
+        key); requires_grad is not part of it (the op reads it per call).
+        """
+        modules = self._modules
+        base = modules["base_layer"]
+        active = self._active_adapter
+        names = (active,) if isinstance(active, str) else tuple(active)
+        device_type = x.device.type
+        autocast = device_type != "meta" and torch.is_autocast_enabled(device_type)
+        key = [
+            self._disable_adapters, bool(self.merged_adapters), names, self.fan_in_fan_out,
+            self.cast_input_dtype_enabled, x.dtype, x.device, autocast,
+            torch.get_autocast_dtype(device_type) if autocast else None,
+            _has_global_hooks(), id(base), _has_hooks(base),
+        ]
+        base_params = base._parameters if type(base) is nn.Linear else None
+        if base_params is not None:
+            weight = base_params["weight"]
+            key += (id(weight), weight.dtype, weight.device, weight.shape, id(base_params["bias"]))
+        lora_A, lora_B = modules["lora_A"]._modules, modules["lora_B"]._modules
+        dropouts, variants, scaling = modules["lora_dropout"]._modules, self.lora_variant, self.scaling
+        for name in names:
+            a_module = lora_A.get(name)
+            if a_module is None:
+                continue
+            b_module, dropout = lora_B[name], dropouts[name]
+            s = scaling[name]
+            key += (name, id(variants.get(name)), id(a_module), id(b_module), id(dropout),
+                    _has_hooks(a_module) or _has_hooks(b_module) or _has_hooks(dropout),
+                    dropout.training, getattr(dropout, "p", None), s if type(s) is float else id(s))
+            for module in (a_module, b_module):
+                params = module._parameters
+                w = params.get("weight")
+                key += (id(w), id(params.get("bias")))
+                if w is not None:
+                    key += (w.dtype, w.device, w.shape)
+        return tuple(key)
+
+    def _make_plan(self, x: torch.Tensor, key: tuple) -> _Plan:
+        """The plan for this state: PEFT's forward (and why) or the fused op's recipe; validates once what
+        stays fixed while ``key`` does (PEFT's own checks, dtypes, devices, the op's shape rules)."""
+
+        def fallback(reason: str, detail: str = "") -> _Plan:
+            return _Plan(key, _Fallback(reason, detail))
+
+        if self.disable_adapters:
+            return fallback("adapters disabled")
         if self.merged:
-            return _Fallback("adapters merged")
+            return fallback("adapters merged")
         modules = self._modules
         lora_A, lora_B, lora_dropout = modules["lora_A"], modules["lora_B"], modules["lora_dropout"]
         active = [name for name in self.active_adapters if name in lora_A]
         if not active:
-            return _Fallback("no active adapter on this layer")
+            return fallback("no active adapter on this layer")
         for name in active:
             if name in self.lora_variant:
                 variant = type(self.lora_variant[name]).__name__
-                return _Fallback("LoRA variant (DoRA, aLoRA, ...)", f"{variant} on adapter {name!r}")
-        if args or (kwargs and not _IGNORED_KWARGS.issuperset(kwargs)):
-            extra = f"{len(args)} positional, keywords {sorted(set(kwargs) - _IGNORED_KWARGS)}"
-            return _Fallback("extra forward arguments", extra)
-
+                return fallback("LoRA variant (DoRA, aLoRA, ...)", f"{variant} on adapter {name!r}")
         base = modules["base_layer"]
         if type(base) is not nn.Linear:
-            return _Fallback("base layer is not a plain nn.Linear", type(base).__name__)
+            return fallback("base layer is not a plain nn.Linear", type(base).__name__)
         if self.fan_in_fan_out:
-            return _Fallback("fan_in_fan_out")
+            return fallback("fan_in_fan_out")
         if _has_global_hooks() or _has_hooks(base):
-            return _Fallback("module hooks or a replaced forward")
+            return fallback("module hooks or a replaced forward")
         lora_a, lora_b, lora_biases, scalings, dropout_ps = [], [], [], [], []
         for name in active:
             a_module, b_module, dropout = lora_A[name], lora_B[name], lora_dropout[name]
             if type(a_module) is not nn.Linear or type(b_module) is not nn.Linear:
-                return _Fallback("lora_A/lora_B is not a plain nn.Linear")
+                return fallback("lora_A/lora_B is not a plain nn.Linear")
             if type(dropout) is nn.Dropout:
                 dropout_ps.append(dropout.p if dropout.training else 0.0)
             elif type(dropout) is nn.Identity:
                 dropout_ps.append(0.0)
             else:
-                return _Fallback("dropout module is not nn.Dropout/nn.Identity", type(dropout).__name__)
+                return fallback("dropout module is not nn.Dropout/nn.Identity", type(dropout).__name__)
             if _has_hooks(a_module) or _has_hooks(b_module) or _has_hooks(dropout):
-                return _Fallback("module hooks or a replaced forward")
+                return fallback("module hooks or a replaced forward")
             lora_a.append(a_module.weight)
             lora_b.append(b_module.weight)
             lora_biases.append(b_module.bias)
@@ -160,52 +213,117 @@ class FusedLoraLinear(PeftLoraLinear):
 
         device_type = x.device.type
         if device_type == "meta":  # shape-only runs; torch has no autocast state for meta
-            return _Fallback("meta tensors")
+            return fallback("meta tensors")
         autocast = torch.is_autocast_enabled(device_type)
         weight, bias = base.weight, base.bias
         if not x.is_floating_point():
-            return _Fallback("input is not floating point", f"{x.dtype}")
+            return fallback("input is not floating point", f"{x.dtype}")
         if autocast and (x.dtype not in _AUTOCAST_DTYPES or weight.dtype not in _AUTOCAST_DTYPES):
-            return _Fallback("float64 under autocast", f"x {x.dtype}, weight {weight.dtype}")
+            return fallback("float64 under autocast", f"x {x.dtype}, weight {weight.dtype}")
         compute_dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
         if not autocast and weight.dtype != x.dtype:
-            return _Fallback("input dtype differs from the base weight dtype", f"{x.dtype} vs {weight.dtype}")
+            return fallback("input dtype differs from the base weight dtype", f"{x.dtype} vs {weight.dtype}")
         device = weight.device
         if x.device != device or any(t.device != device for t in (*lora_a, *lora_b)):
-            return _Fallback("input, base weight and adapters not all on one device")
+            return fallback("input, base weight and adapters not all on one device")
         lora_dtype = lora_a[0].dtype
         if any(t.dtype != lora_dtype for t in (*lora_a, *lora_b)):
-            return _Fallback("adapters differ in dtype")
+            return fallback("adapters differ in dtype")
+        adapter_dtype = None
         if lora_dtype != compute_dtype and lora_dtype != torch.float32:
             if not autocast:
                 # PEFT would run the LoRA branch in a narrower dtype than the input; the op only widens.
-                return _Fallback("adapter dtype is neither the input dtype nor float32", f"{lora_dtype}")
-            lora_a = [t.to(compute_dtype) for t in lora_a]
-            lora_b = [t.to(compute_dtype) for t in lora_b]
+                return fallback("adapter dtype is neither the input dtype nor float32", f"{lora_dtype}")
+            adapter_dtype = compute_dtype
         if not autocast and lora_dtype != x.dtype and not self.cast_input_dtype_enabled:
-            return _Fallback("input dtype casting disabled and adapter dtype differs")
-
+            return fallback("input dtype casting disabled and adapter dtype differs")
         if any(p >= 1.0 for p in dropout_ps):
-            return _Fallback("dropout p = 1 (the LoRA branch is all zeros)")
+            return fallback("dropout p = 1 (the LoRA branch is all zeros)")
         if len(active) > 1 and any(p > 0.0 for p in dropout_ps):
-            return _Fallback("several active adapters with dropout in training")
+            return fallback("several active adapters with dropout in training")
         if any(isinstance(s, torch.Tensor) and s.dim() != 0 for s in scalings):
-            return _Fallback("scaling is a tensor that is not 0-dim")
+            return fallback("scaling is a tensor that is not 0-dim")
+        # The op's own argument rules, once per state (per call only x's last dim can still change).
+        check_lora_linear_args(
+            x.to(compute_dtype) if autocast else x,
+            weight.to(compute_dtype) if autocast else weight,
+            None if bias is None else (bias.to(compute_dtype) if autocast else bias),
+            torch.cat(lora_a, dim=0), torch.cat(lora_b, dim=1), 1.0, dropout_ps[0],
+            getattr(self, _BACKEND_ATTR, "auto"),
+        )
+        return _Plan(
+            key, None, tuple(active), dropout_ps[0], device_type if autocast else None, adapter_dtype,
+            any(b is not None for b in lora_biases), weight.shape[1],
+        )
 
-        if autocast:
-            x = x.to(compute_dtype)
-            weight = weight.to(compute_dtype)
-            bias = None if bias is None else bias.to(compute_dtype)
-        bias = _fold_lora_bias(bias, lora_biases, scalings, compute_dtype)
-        if len(active) == 1:
-            lora_a_cat, lora_b_cat, scaling = lora_a[0], lora_b[0], scalings[0]
+    def _run_plan(self, plan: _Plan, x: torch.Tensor) -> torch.Tensor:
+        """The fused call on this input: the held modules' current tensors, as PEFT's forward reads them."""
+        modules = self._modules
+        base_params = modules["base_layer"]._parameters
+        weight, bias = base_params["weight"], base_params["bias"]
+        lora_A, lora_B = modules["lora_A"]._modules, modules["lora_B"]._modules
+        names = plan.names
+        if len(names) == 1:
+            lora_a, lora_b = lora_A[names[0]]._parameters["weight"], lora_B[names[0]]._parameters["weight"]
+            scaling = self.scaling[names[0]]
+            if plan.adapter_dtype is not None:
+                lora_a, lora_b = lora_a.to(plan.adapter_dtype), lora_b.to(plan.adapter_dtype)
         else:
+            lora_as = [lora_A[n]._parameters["weight"] for n in names]
+            lora_bs = [lora_B[n]._parameters["weight"] for n in names]
+            if plan.adapter_dtype is not None:
+                lora_as = [t.to(plan.adapter_dtype) for t in lora_as]
+                lora_bs = [t.to(plan.adapter_dtype) for t in lora_bs]
             # Sum over adapters of s_i·B_i·A_i = [s_1·B_1 | s_2·B_2 | ...]·[A_1; A_2; ...]: one rank-Σr call.
-            lora_a_cat = torch.cat(lora_a, dim=0)
-            lora_b_cat = torch.cat([b * s for b, s in zip(lora_b, scalings)], dim=1)
+            lora_a = torch.cat(lora_as, dim=0)
+            lora_b = torch.cat([b * self.scaling[n] for b, n in zip(lora_bs, names)], dim=1)
             scaling = 1.0
-        return _FusedCall(x, weight, bias, lora_a_cat, lora_b_cat, scaling, dropout_ps[0],
-                          device_type if autocast else None)
+        backend = self.__dict__.get(_BACKEND_ATTR, "auto")
+        if plan.autocast_device is not None:
+            x, weight, bias = autocast_inputs(x, weight, bias)
+        if plan.lora_bias:
+            bias = _fold_lora_bias(
+                bias, [lora_B[n]._parameters["bias"] for n in names], [self.scaling[n] for n in names], x.dtype
+            )
+        if plan.autocast_device is None:
+            return _fused_forward(x, weight, bias, lora_a, lora_b, scaling, plan.dropout_p, backend=backend)
+        with torch.autocast(plan.autocast_device, enabled=False):
+            return _fused_forward(x, weight, bias, lora_a, lora_b, scaling, plan.dropout_p, backend=backend)
+
+
+def _fused_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: Union[float, torch.Tensor],
+    dropout_p: float,
+    *,
+    backend: str,
+) -> torch.Tensor:
+    """The op for a planned call: what :func:`lorafast.lora_linear` does, less the checks the plan made once.
+
+    x (..., K) in weight's dtype on its device (validated by the plan; only K is checked here); the other
+    tensors as :func:`lorafast.lora_linear`; ``dropout_p`` the probability in effect (0 in eval). Returns
+    (..., N) in x's dtype. One module-level name, so tests can count the fused calls.
+    """
+    K = weight.shape[1]
+    if x.shape[-1] != K or x.dim() == 0:
+        check_lora_linear_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p, backend)  # raises
+    x2 = x.reshape(-1, K)
+    if x2.shape[0] == 0:
+        return lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p, dropout_p > 0.0, backend)
+    # The 0-dim scale tensor is for the Triton kernels (and the CUDA auto-tuner's timing runs); a float
+    # scale on the CPU aten strategy needs none.
+    float_on_cpu = type(scaling) is float and not x2.is_cuda
+    scale = None if float_on_cpu else scale_tensor(scaling, x2)
+    strategy = functional.choose_strategy(backend, x2, weight, bias, lora_a, lora_b, scale, dropout_p)
+    if scale is None:
+        scale = scaling if strategy == "aten" else scale_tensor(scaling, x2)
+    else:
+        scale = op_scale(scaling, scale, strategy)
+    return functional.run(x2, x.shape[:-1], weight, bias, lora_a, lora_b, scale, dropout_p, strategy)
 
 
 def _fold_lora_bias(
@@ -339,7 +457,7 @@ def unpatch(model: nn.Module) -> int:
         peft_class = peft_class_of.get(type(module))
         if peft_class is not None:
             module.__class__ = peft_class
-            for attr in (_BACKEND_ATTR, _NAME_ATTR):
+            for attr in (_BACKEND_ATTR, _NAME_ATTR, _PLAN_ATTR):
                 module.__dict__.pop(attr, None)
             restored += 1
     return restored

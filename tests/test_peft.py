@@ -167,13 +167,13 @@ def lora_linear_count(model: nn.Module) -> int:
 def op_calls(monkeypatch):
     """Counts calls of the fused op made by lorafast.peft (to tell fused from fallback)."""
     calls = []
-    real = lfpeft.lora_linear
+    real = lfpeft._fused_forward
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("backend"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lfpeft, "lora_linear", counting)
+    monkeypatch.setattr(lfpeft, "_fused_forward", counting)
     return calls
 
 

@@ -116,17 +116,17 @@ def count_fused_calls() -> Iterator[List[Optional[str]]]:
     import lorafast.peft as lfpeft
 
     calls: List[Optional[str]] = []
-    real = lfpeft.lora_linear
+    real = lfpeft._fused_forward
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("backend"))
         return real(*args, **kwargs)
 
-    lfpeft.lora_linear = counting
+    lfpeft._fused_forward = counting
     try:
         yield calls
     finally:
-        lfpeft.lora_linear = real
+        lfpeft._fused_forward = real
 
 
 def fused_op_count(graph_module: torch.fx.GraphModule) -> int:
