@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorafast.kernels.configs import EPILOGUE, GEMM, gpu_configs, launch, m_bucket
+from lorafast.kernels.configs import EPILOGUE, gpu_configs, launch, m_bucket
 from lorafast.kernels.dtypes import dot_precision
 from lorafast.kernels.lora_fwd import grouped_tile
 
@@ -196,8 +196,11 @@ def gemm_4bit(
     if M == 0:
         return y
     packed_u8 = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    # The EPILOGUE table (BLOCK_K 16, 2 stages): with the in-loop dequant the GEMM table's rows spilled and
+    # overflowed shared memory on sm_90 (compile gate: 128×256×64 and 64×128×64 at 4 stages), as did one
+    # SKINNY row (32×128×128). Short K steps keep the dequantized tile small; their speed is unmeasured.
     launch(
-        gemm_4bit_kernel, GEMM, x.device,
+        gemm_4bit_kernel, EPILOGUE, x.device,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
         (x, packed_u8, absmax, code, bias if bias is not None else y, y, M, n, K, m_bucket(M), int(blocksize),
          x.stride(0), x.stride(1), y.stride(0), y.stride(1)),
@@ -222,7 +225,9 @@ def aot_entries(arch: int) -> List:
         name = "dequant_4bit[nested]" if nested else "dequant_4bit"
         entries.append(AotEntry(name, dequant_4bit_kernel, signature, {"NESTED": nested, "OUT_BF16": True},
                                 gpu_configs(EPILOGUE, arch), False, arch, "bf16"))
-    for dtype in ("bf16", "fp32"):
+    # bf16 only: the fp32 variant (IEEE dots, a correctness path never offered by the dispatcher) spilled in the
+    # gate on the fp32 tables (8-24 B on sm_80).
+    for dtype in ("bf16",):
         fp32 = dtype == "fp32"
         signature = {
             "x_ptr": f"*{dtype}", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
@@ -234,5 +239,5 @@ def aot_entries(arch: int) -> List:
                       "DOT_PRECISION": "ieee" if fp32 else "tf32"}
         # fp32: IEEE dots on FMA units (torch's default precision), so no tensor-core check there.
         entries.append(AotEntry("gemm_4bit", gemm_4bit_kernel, signature, constexprs,
-                                gpu_configs(GEMM, arch, fp32), not fp32, arch, dtype))
+                                gpu_configs(EPILOGUE, arch, fp32), not fp32, arch, dtype))
     return entries

@@ -96,14 +96,14 @@ def test_bad_arguments_name_the_problem():
 def test_aot_entries_match_the_kernel_signature():
     import inspect
 
-    from lorafast.kernels.dequant import aot_entries, dequant_4bit_kernel
+    from lorafast.kernels.dequant import aot_entries
 
-    names = list(inspect.signature(dequant_4bit_kernel.fn).parameters)
     for arch in (80, 90):
         entries = aot_entries(arch)
-        assert {e.name for e in entries} == {"dequant_4bit", "dequant_4bit[nested]"}
+        assert {e.name for e in entries} == {"dequant_4bit", "dequant_4bit[nested]", "gemm_4bit"}
         for entry in entries:
-            assert entry.arch == arch and entry.configs and not entry.uses_dot
+            assert entry.arch == arch and entry.configs
+            assert entry.uses_dot == (entry.name == "gemm_4bit")
+            names = set(inspect.signature(getattr(entry.fn, "fn", entry.fn)).parameters)
             for config in entry.configs:
-                covered = set(entry.signature) | set(entry.constexprs) | set(config.kwargs)
-                assert covered == set(names)
+                assert set(entry.signature) | set(entry.constexprs) | set(config.kwargs) == names
