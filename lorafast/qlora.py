@@ -415,17 +415,31 @@ def choose(backend: str, call: _QCall, x2: torch.Tensor, scale: torch.Tensor,
         strategies.resolve("cublas", x2, weight_like, call.lora_a, call.dropout_p, needs)  # device/triton checks
         return GEMM_4BIT, True
     if backend == "auto" and x2.is_cuda and have_triton and strategies.triton_fallback(x2, call.lora_a) is None:
-        from lorafast import dispatch
-
-        candidates = ("cublas", "aten") if x2.dtype == torch.float32 else strategies.STRATEGIES
-        if x2.dtype != torch.float32 and x2.shape[0] <= GEMM_4BIT_MAX_M and snap.dtype in (x2.dtype, torch.float32):
-            candidates = (*candidates, GEMM_4BIT)
-        key = dispatch.StrategyKey.for_call(x2, weight_like, call.lora_a, call.dropout_p, *needs, op=snap.quant_type)
-        make_run = _timing_run(x2, call, scale, needs)
-        return dispatch.select(key, candidates, make_run, default=DEFAULT_CUDA), True
+        return dispatch_strategy(x2, call, scale, needs), True
     name = strategies.resolve(backend, x2, weight_like, call.lora_a, call.dropout_p, needs)
     use_triton = have_triton and (x2.is_cuda or name in strategies.TRITON_STRATEGIES)
     return name, use_triton
+
+
+def candidates_for(x2: torch.Tensor, snap: QuantSnapshot) -> Tuple[str, ...]:
+    """What the CUDA dispatcher times for this call: dequant + each lorafast strategy (no ``fused`` for fp32,
+    whose IEEE dots run on FMA units), and GEMM_4BIT for 16-bit x at M ≤ GEMM_4BIT_MAX_M when its in-loop
+    rounding equals the dequant path's (state dtype = x's dtype or fp32)."""
+    candidates = ("cublas", "aten") if x2.dtype == torch.float32 else strategies.STRATEGIES
+    if x2.dtype != torch.float32 and x2.shape[0] <= GEMM_4BIT_MAX_M and snap.dtype in (x2.dtype, torch.float32):
+        candidates = (*candidates, GEMM_4BIT)
+    return candidates
+
+
+def dispatch_strategy(x2: torch.Tensor, call: _QCall, scale: torch.Tensor, needs: Tuple[bool, bool, bool, bool]) -> str:
+    """The QLoRA strategy :func:`lorafast.dispatch.select` picks (timed once per key, cached) under the key op
+    "nf4"/"fp4"; DEFAULT_CUDA when it must not time (compile tracing, graph capture)."""
+    from lorafast import dispatch
+
+    weight_like = torch.empty((call.snap.shape[0], 0), device="meta")  # only N is read
+    key = dispatch.StrategyKey.for_call(x2, weight_like, call.lora_a, call.dropout_p, *needs, op=call.snap.quant_type)
+    return dispatch.select(key, candidates_for(x2, call.snap), _timing_run(x2, call, scale, needs),
+                           default=DEFAULT_CUDA)
 
 
 def _timing_run(x2: torch.Tensor, call: _QCall, scale: torch.Tensor,

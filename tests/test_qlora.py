@@ -439,3 +439,60 @@ def test_cuda_auto_picks_a_strategy_and_matches_peft():
     peft_layer.cuda()
     lorafast.patch(fused_model, backend="auto")
     check_against_peft(peft_layer, layer, torch.randn(64, 256, device="cuda", dtype=torch.bfloat16), torch.bfloat16)
+
+
+@pytest.fixture
+def fake_dispatch(tmp_path, monkeypatch):
+    """The lead's dispatcher with a fake timer that runs each candidate's step once (under the interpreter on
+    CPU) and reports preset milliseconds; a private cache directory."""
+    from lorafast import dispatch
+
+    monkeypatch.setenv(dispatch.ENV_CACHE_DIR, str(tmp_path))
+    dispatch.clear()
+    ran = []
+
+    def install(times):
+        def timer(name, run):
+            run()
+            ran.append(name)
+            return times[name]
+
+        dispatch.set_timer(timer)
+        return ran
+
+    yield install
+    dispatch.clear()
+    dispatch.set_timer(None)
+
+
+def _call_for(layer, x):
+    call = layer._fused_call(x, (), {})
+    assert isinstance(call, qlora._QCall)
+    x2 = call.x.reshape(-1, x.shape[-1])
+    return call, x2, functional.scale_tensor(call.scaling, x2)
+
+
+def test_dispatcher_times_every_candidate_and_caches(fake_dispatch):
+    from lorafast import dispatch
+
+    _, _, _, layer = make_pair(K=40, N=24, r=2, bias="all", compute_dtype=torch.float16,
+                               weight_dtype=torch.float16)
+    x = torch.randn(6, 40, dtype=torch.float16, requires_grad=True)
+    call, x2, scale = _call_for(layer, x)
+    needs = (True, True, True, True)
+    assert qlora.candidates_for(x2, call.snap) == ("fused", "cublas", "aten", qlora.GEMM_4BIT)
+    ran = fake_dispatch({"fused": 3.0, "cublas": 2.0, "aten": 4.0, qlora.GEMM_4BIT: 1.0})
+    assert qlora.dispatch_strategy(x2, call, scale, needs) == qlora.GEMM_4BIT
+    assert sorted(ran) == sorted(["fused", "cublas", "aten", qlora.GEMM_4BIT])  # each step ran, fwd + bwd
+    (key,) = [k for k in dispatch.choices() if k.op == "nf4"]
+    assert (key.n, key.k, key.needs) == (24, 40, "xabbias")
+    assert qlora.dispatch_strategy(x2, call, scale, needs) == qlora.GEMM_4BIT
+    assert len(ran) == 4  # cached: no second timing
+
+
+def test_dispatcher_candidates_by_dtype_and_m():
+    _, _, _, layer = make_pair(K=40, N=24)
+    call, x2, _ = _call_for(layer, torch.randn(6, 40))
+    assert qlora.candidates_for(x2, call.snap) == ("cublas", "aten")  # fp32: no fused, no 4-bit GEMM
+    big = torch.empty(qlora.GEMM_4BIT_MAX_M + 1, 40, dtype=torch.bfloat16)
+    assert qlora.GEMM_4BIT not in qlora.candidates_for(big, call.snap)
