@@ -496,3 +496,41 @@ def test_dispatcher_candidates_by_dtype_and_m():
     assert qlora.candidates_for(x2, call.snap) == ("cublas", "aten")  # fp32: no fused, no 4-bit GEMM
     big = torch.empty(qlora.GEMM_4BIT_MAX_M + 1, 40, dtype=torch.bfloat16)
     assert qlora.GEMM_4BIT not in qlora.candidates_for(big, call.snap)
+
+
+def _two_adapters(dropout):
+    peft_model, fused_model, peft_layer, layer = make_pair(K=48, N=24, dropout=dropout)
+    for model in (peft_model, fused_model):
+        model.add_adapter("second", LoraConfig(r=2, lora_alpha=3, target_modules=["proj"], lora_dropout=dropout,
+                                               init_lora_weights=False))
+    torch.manual_seed(3)
+    for p_peft, p_fused in zip(peft_layer.lora_B["second"].parameters(), layer.lora_B["second"].parameters()):
+        p_fused.data.copy_(p_peft.data.normal_())
+    layer.lora_A["second"].weight.data.copy_(peft_layer.lora_A["second"].weight.data)
+    lorafast.patch(fused_model)
+    for lay in (peft_layer, layer):
+        lay.set_adapter(["default", "second"])
+        lay.lora_A["second"].weight.requires_grad_(True)
+        lay.lora_B["second"].weight.requires_grad_(True)
+    return peft_layer, layer
+
+
+def test_two_active_adapters_fused():
+    peft_layer, layer = _two_adapters(0.0)
+    x = torch.randn(5, 48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fused, no fallback
+        y = layer(x)
+    assert_close(y, peft_layer(x).double(), torch.float32, what="y")
+
+
+def test_two_active_adapters_with_dropout_fall_back():
+    peft_layer, layer = _two_adapters(0.1)
+    layer.train()
+    peft_layer.train()
+    x = torch.randn(5, 48)
+    with pytest.warns(UserWarning, match="several active adapters with dropout"):
+        torch.manual_seed(5)
+        y = layer(x)
+    torch.manual_seed(5)
+    assert torch.equal(y, peft_layer(x))
