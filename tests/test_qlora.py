@@ -534,3 +534,29 @@ def test_two_active_adapters_with_dropout_fall_back():
         y = layer(x)
     torch.manual_seed(5)
     assert torch.equal(y, peft_layer(x))
+
+
+def test_gradient_checkpointing_llama_matches_peft(tmp_path):
+    """QLoRA's usual setup (activation checkpointing): the patched model's LoRA grads equal PEFT's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                      init_lora_weights=False)
+    grads = []
+    ids = torch.randint(0, 64, (2, 10))
+    for patched in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(_tiny_llama_4bit(tmp_path / "base"), lora)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        if patched:
+            assert lorafast.patch(model) == 6
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, want in grads[0].items():
+        assert_close(grads[1][name], want.double(), torch.float32, what=name)
