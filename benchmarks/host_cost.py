@@ -2,9 +2,12 @@
 fused Triton path with every Triton launch stubbed to a no-op), plus device-op counts.
 
 Setup (issue 10): 64→64 nn.Linear, r=8, x 16×64 fp32 on CPU, 1 thread, fwd and fwd+bwd, interleaved
-medians. Run: ``python benchmarks/host_cost.py [--reps 2000]``. With launches stubbed the Triton outputs hold
+medians of both wall time and the thread's CPU time (``time.thread_time``: what the host spends on the
+call, much less disturbed by other processes on a loaded machine; torch runs on this one thread).
+Run: ``python benchmarks/host_cost.py [--reps 2000]``. With launches stubbed the Triton outputs hold
 garbage: fine for timing, never for numbers. Counts: ATen ops recorded by a TorchDispatchMode (each would be
-a device launch on CUDA, except views/metadata ops, which are excluded) + stubbed Triton launches.
+a device launch on CUDA, except views/metadata ops and CPU-side scalar reads, which are excluded) + stubbed
+Triton launches, for one fwd+bwd with the grads set to None first (as ``zero_grad(set_to_none=True)``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import lorafast  # noqa: E402
 _NO_LAUNCH = {
     "view", "_unsafe_view", "t", "transpose", "permute", "expand", "reshape", "as_strided", "alias", "detach",
     "empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "slice", "select", "unsqueeze",
-    "squeeze", "_reshape_alias", "lift_fresh", "unbind", "split",
+    "squeeze", "_reshape_alias", "lift_fresh", "unbind", "split", "promote_types", "_local_scalar_dense",
 }
 
 
@@ -100,7 +103,7 @@ def main() -> None:
     x = torch.randn(16, 64, requires_grad=True)
     g = torch.ones(16, 64)
     print(f"torch {torch.__version__}, 1 thread, load {os.getloadavg()}")
-    print(f"{'p':>4} {'impl':<22} {'fwd us':>8} {'fwd+bwd us':>11} {'launches':>9}")
+    print(f"{'p':>4} {'impl':<22} {'fwd us':>8} {'fwd+bwd us':>11} {'fwd cpu':>8} {'f+b cpu':>8} {'launches':>9}")
     stub = _StubLaunches()
     for p in (0.0, 0.1):
         impls = {
@@ -109,28 +112,37 @@ def main() -> None:
             "patched, fused stub": (make_layer(p, True, "fused"), stub),
         }
         times = {(name, bw): [] for name in impls for bw in (False, True)}
+        cpu = {(name, bw): [] for name in impls for bw in (False, True)}
         for _ in range(args.rounds):
             for name, (layer, st) in impls.items():
                 for bw in (False, True):
                     with st if st is not None else _Null():
                         for _ in range(20):
                             step(layer, x, bw)
-                        t0 = time.perf_counter()
+                        t0, c0 = time.perf_counter(), time.thread_time()
                         for _ in range(args.reps):
                             y = layer(x)
                             if bw:
                                 y.backward(g)
                         times[(name, bw)].append((time.perf_counter() - t0) / args.reps * 1e6)
+                        cpu[(name, bw)].append((time.thread_time() - c0) / args.reps * 1e6)
         for name, (layer, st) in impls.items():
             with st if st is not None else _Null():
                 before = stub.count
+                for param in [x, *layer.parameters()]:
+                    param.grad = None  # as zero_grad(set_to_none=True): no grad accumulation adds counted
+                y = layer(x)  # warm (plan made); the counted step follows
+                g1 = torch.ones_like(y)
                 with _Count() as counter:
-                    step(layer, x, True)
+                    layer(x).backward(g1)
                 triton = stub.count - before
             fwd = statistics.median(times[(name, False)])
             both = statistics.median(times[(name, True)])
+            fwd_cpu = statistics.median(cpu[(name, False)])
+            both_cpu = statistics.median(cpu[(name, True)])
             launches = f"{len(counter.ops)}" + (f"+{triton}T" if st is not None else "")
-            print(f"{p:>4} {name:<22} {fwd:>8.1f} {both:>11.1f} {launches:>9}   {' '.join(counter.ops)}")
+            print(f"{p:>4} {name:<22} {fwd:>8.1f} {both:>11.1f} {fwd_cpu:>8.1f} {both_cpu:>8.1f} {launches:>9}   "
+                  f"{' '.join(counter.ops)}")
     print(f"load after {os.getloadavg()}")
 
 

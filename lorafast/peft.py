@@ -134,37 +134,39 @@ class FusedLoraLinear(PeftLoraLinear):
         modules = self._modules
         base = modules["base_layer"]
         active = self._active_adapter
-        names = (active,) if isinstance(active, str) else tuple(active)
+        names = (active,) if type(active) is str else tuple(active)
         device_type = x.device.type
         autocast = device_type != "meta" and torch.is_autocast_enabled(device_type)
-        key = [
+        params = base._parameters
+        w = params.get("weight")
+        key = (
             self._disable_adapters, bool(self.merged_adapters), names, self.fan_in_fan_out,
             self.cast_input_dtype_enabled, x.dtype, x.device, autocast,
             torch.get_autocast_dtype(device_type) if autocast else None,
-            _has_global_hooks(), id(base), _has_hooks(base),
-        ]
-        base_params = base._parameters if type(base) is nn.Linear else None
-        if base_params is not None:
-            weight = base_params["weight"]
-            key += (id(weight), weight.dtype, weight.device, weight.shape, id(base_params["bias"]))
+            _has_global_hooks() or _has_hooks(base), id(base), id(w), id(params.get("bias")),
+            None if w is None else (w.dtype, w.device, w.shape),
+        )
         lora_A, lora_B = modules["lora_A"]._modules, modules["lora_B"]._modules
         dropouts, variants, scaling = modules["lora_dropout"]._modules, self.lora_variant, self.scaling
         for name in names:
             a_module = lora_A.get(name)
             if a_module is None:
+                key += (name, None)
                 continue
             b_module, dropout = lora_B[name], dropouts[name]
             s = scaling[name]
-            key += (name, id(variants.get(name)), id(a_module), id(b_module), id(dropout),
-                    _has_hooks(a_module) or _has_hooks(b_module) or _has_hooks(dropout),
-                    dropout.training, getattr(dropout, "p", None), s if type(s) is float else id(s))
-            for module in (a_module, b_module):
-                params = module._parameters
-                w = params.get("weight")
-                key += (id(w), id(params.get("bias")))
-                if w is not None:
-                    key += (w.dtype, w.device, w.shape)
-        return tuple(key)
+            a_params, b_params = a_module._parameters, b_module._parameters
+            a_w, b_w = a_params.get("weight"), b_params.get("weight")
+            key += (
+                name, id(variants.get(name)), id(a_module), id(b_module), id(dropout),
+                _has_hooks(a_module) or _has_hooks(b_module) or _has_hooks(dropout),
+                # __dict__, not getattr: nn.Identity has no p, and a failed module getattr costs µs.
+                dropout.training, dropout.__dict__.get("p"), s if type(s) is float else id(s),
+                id(a_w), id(b_w), id(a_params.get("bias")), id(b_params.get("bias")),
+                None if a_w is None else (a_w.dtype, a_w.device, a_w.shape),
+                None if b_w is None else (b_w.dtype, b_w.device, b_w.shape),
+            )
+        return key
 
     def _make_plan(self, x: torch.Tensor, key: tuple) -> _Plan:
         """The plan for this state: PEFT's forward (and why) or the fused op's recipe; validates once what
@@ -311,7 +313,7 @@ def _fused_forward(
     K = weight.shape[1]
     if x.shape[-1] != K or x.dim() == 0:
         check_lora_linear_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p, backend)  # raises
-    x2 = x.reshape(-1, K)
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if x2.shape[0] == 0:
         return lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p, dropout_p > 0.0, backend)
     # The 0-dim scale tensor is for the Triton kernels (and the CUDA auto-tuner's timing runs); a float

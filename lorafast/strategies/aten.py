@@ -16,9 +16,9 @@ import threading
 from typing import Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 from lorafast.dropout import keep_mask
-
 
 _ACCUM_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32}
 
@@ -108,10 +108,8 @@ def forward(
     the Triton kernels' dot dtype too). Returns y (M, N) in x's dtype and H (M, r) fp32.
     """
     dtype = x.dtype
-    if bias is None:
-        y = x @ weight.t()
-    else:
-        y = torch.addmm(bias if bias.dtype == dtype else bias.to(dtype), x, weight.t())
+    # F.linear: addmm(bias, x, Wᵀ) without a Python-level .t() call (~2 µs at tiny sizes).
+    y = F.linear(x, weight, None if bias is None else as_dtype(bias, dtype))
     lora_in = x
     if dropout_p > 0.0:
         lora_in = x * dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, dtype)
