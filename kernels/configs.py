@@ -12,7 +12,8 @@ import contextlib
 import functools
 import inspect
 import os
-from typing import Callable, Dict, List, Sequence
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import triton
 
@@ -42,14 +43,18 @@ _TABLES = {
         80: [(128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4)],
     },
     DX: {
-        90: [(128, 128, 64, 8, 3), (128, 256, 64, 8, 2), (64, 128, 64, 4, 4), (128, 64, 64, 8, 4)],
+        # 128×256×64 (8 warps, 2 stages) spilled 528 B on sm_90 with the dropout epilogue (AOT gate, r = 16):
+        # replaced by 128×128×64 at 4 stages.
+        90: [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 8, 4)],
         80: [(128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4)],
     },
     # Skinny passes stream one big operand; BLOCK_N names the streamed dimension's tile (dH over N),
-    # BLOCK_K the shrink's and dA's column tile.
+    # BLOCK_K the shrink's and dA's column tile. Every row keeps BLOCK_M·BLOCK_N and BLOCK_M·BLOCK_K ≤ 4096
+    # so the split grid reaches 2 waves on 132 SMs at BERT-base (M = 2048, K = N = 768: 384 tiles); the AOT
+    # gate's grid check found 64×128 and 128×64 tiles at 192 CTAs there (1.45 waves). Not timed on a GPU.
     SKINNY: {
-        90: [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4)],
-        80: [(64, 128, 32, 8, 3), (128, 64, 32, 8, 4), (64, 64, 64, 4, 4)],
+        90: [(64, 64, 64, 4, 4), (128, 32, 32, 4, 4), (32, 128, 128, 4, 3)],
+        80: [(64, 64, 64, 4, 4), (128, 32, 32, 4, 4), (32, 128, 64, 4, 3)],
     },
     # Elementwise-sized tiles with one small dot; BLOCK_K is unused.
     EPILOGUE: {
@@ -67,6 +72,21 @@ _FP32_TABLE = {
     SKINNY: [(32, 64, 32, 8, 2), (32, 32, 32, 4, 2)],
     EPILOGUE: [(32, 64, 16, 4, 2), (32, 32, 16, 4, 2)],
 }
+# AMD CDNA3 (MI300, gfx942; warp = 64-lane wavefront): 64 KiB of LDS per workgroup, so the NVIDIA
+# tables' deep pipelines do not fit; Triton's AMD stream pipeliner runs num_stages = 2. Rows from the
+# AOT gate (`--arch gfx942`: no scratch spills, LDS within 64 KiB, MFMA present); not timed on a GPU.
+_AMD_TABLES = {
+    GEMM: [(128, 128, 64, 8, 2), (64, 128, 64, 4, 2), (128, 64, 64, 4, 2)],
+    DX: [(128, 128, 64, 8, 2), (64, 128, 64, 4, 2), (128, 64, 64, 4, 2)],
+    SKINNY: [(64, 64, 64, 4, 2), (128, 32, 32, 4, 2), (32, 128, 128, 4, 2)],
+    EPILOGUE: [(64, 128, 16, 4, 2), (128, 64, 16, 8, 2), (64, 64, 16, 4, 2)],
+}
+_AMD_FP32_TABLE = {
+    GEMM: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
+    DX: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
+    SKINNY: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
+    EPILOGUE: [(32, 64, 16, 4, 2), (32, 32, 16, 4, 2)],
+}
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
 
 
@@ -77,10 +97,13 @@ def configs(kind: str, arch: int, fp32: bool = False) -> List[triton.Config]:
     return gpu_configs(kind, arch, fp32)
 
 
-def gpu_configs(kind: str, arch: int, fp32: bool = False) -> List[triton.Config]:
-    """Autotune candidates for a kernel family on compute capability ``arch`` (80, 90, ...);
-    ``fp32``: the operands are fp32 (the smaller-tile table)."""
-    if fp32:
+def gpu_configs(kind: str, arch: Union[int, str], fp32: bool = False) -> List[triton.Config]:
+    """Autotune candidates for a kernel family on compute capability ``arch`` (80, 90, ...) or an AMD
+    target (``"gfx942"``, what `device_arch` returns on ROCm); ``fp32``: the operands are fp32 (the
+    smaller-tile table)."""
+    if isinstance(arch, str):
+        rows = (_AMD_FP32_TABLE if fp32 else _AMD_TABLES)[kind]
+    elif fp32:
         rows = _FP32_TABLE[kind]
     else:
         table = _TABLES[kind]
@@ -89,15 +112,18 @@ def gpu_configs(kind: str, arch: int, fp32: bool = False) -> List[triton.Config]
 
 
 @functools.cache
-def _arch_of(index: int) -> int:
+def _arch_of(index: int) -> Union[int, str]:
     import torch
 
+    if torch.version.hip:
+        # ROCm reports a CUDA-like capability (9, 4) for MI300: use the gfx target name instead.
+        return torch.cuda.get_device_properties(index).gcnArchName.split(":")[0]
     major, minor = torch.cuda.get_device_capability(index)
     return major * 10 + minor
 
 
-def device_arch(device) -> int:
-    """Compute capability as an int (90 for H100); 80 under the interpreter."""
+def device_arch(device) -> Union[int, str]:
+    """Compute capability as an int (90 for H100), the gfx target on ROCm ("gfx942"); 80 under the interpreter."""
     if interpreting():
         return 80
     return _arch_of(_index(device))
@@ -162,7 +188,7 @@ _AUTOTUNE_KWARGS = (
 
 
 @functools.cache
-def _autotuned(fn, kind: str, arch: int, fp32: bool, key: Sequence[str], reset_to_zero: Sequence[str],
+def _autotuned(fn, kind: str, arch: Union[int, str], fp32: bool, key: Sequence[str], reset_to_zero: Sequence[str],
                restore: Sequence[str]):
     return triton.autotune(
         configs=configs(kind, arch, fp32), key=list(key), reset_to_zero=list(reset_to_zero) or None,
@@ -190,7 +216,8 @@ def launch(
     so a config tuned at r ≤ 16 is not reused at r = 128. ``reset_to_zero``: outputs the kernel
     accumulates into with atomics (zeroed again before each autotune trial). ``restore``: tensors the
     kernel updates in place (copied before tuning and restored after each trial, so the update lands
-    once). ``fp32``: the dot operands are fp32 (selects the fp32 config table).
+    once). ``fp32``: the dot operands are fp32 (selects the fp32 config table). After the autotuner has
+    chosen a config for a key, later launches with that key go through the cached compiled handle (below).
     """
     if interpreting():
         cfg = configs(kind, 80)[0]
@@ -201,7 +228,129 @@ def launch(
     full_key = (*key, "BLOCK_R") if "BLOCK_R" in constexprs else tuple(key)
     kernel = _autotuned(fn, kind, device_arch(device), fp32, full_key, tuple(reset_to_zero), tuple(restore))
     with device_guard(device):
-        kernel[grid](*args, **constexprs)
+        handles = _handles_for(kernel, full_key) if FAST_LAUNCH else None
+        if handles is None:
+            kernel[grid](*args, **constexprs)
+        else:
+            handles.launch(device, grid, args, constexprs)
+
+
+# ---- cached compiled handles (issue 10) --------------------------------------------------------------
+# A launch through triton.autotune + the JIT's argument binding costs ~16–19 µs of Python per call on a GPU
+# host; a compiled kernel's own launcher ~2–4 µs (KERNELS.md; not measured here). Once the autotuner has
+# chosen a config for a key, later launches with the same key and argument specialisation go straight to
+# that compiled kernel. Works with the CompiledKernel API of triton 3.3–3.9 (``compiled[grid](*all_args)``
+# with every parameter in order, constexprs included, as JITFunction.run passes them); any exception at a
+# handle's use turns the cache off for that kernel with one warning, and the autotuner path runs instead.
+# LORAFAST_FAST_LAUNCH=0 turns it off.
+FAST_LAUNCH = os.environ.get("LORAFAST_FAST_LAUNCH", "1") != "0"
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+def _arg_signature(arg) -> object:
+    """What the JIT specialises on for one argument (a superset: a finer key only costs a cache miss)."""
+    kind = type(arg)
+    if kind is bool or arg is None or kind is float:
+        return kind
+    if kind is int:
+        return int, arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, arg < 2**63
+    if hasattr(arg, "data_ptr") and hasattr(arg, "dtype"):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    raise _Uncacheable(kind)
+
+
+class _Handle:
+    """The compiled kernel of the chosen config, with the constexpr tail of its argument list."""
+
+    __slots__ = ("compiled", "tail", "names", "meta")
+
+    def __init__(self, compiled, tail: tuple, names: Sequence[str], meta: Dict[str, object]):
+        self.compiled, self.tail, self.names, self.meta = compiled, tail, names, meta
+
+    def __call__(self, grid, args: Sequence) -> None:
+        # The grid function sees what the JIT gives it: every argument by name plus the config's values.
+        g = grid({**dict(zip(self.names, args)), **self.meta}) if callable(grid) else grid
+        n = len(g)
+        self.compiled[(g[0], g[1] if n > 1 else 1, g[2] if n > 2 else 1)](*args, *self.tail)
+
+
+class _HandleCache:
+    """Per autotuned kernel: (device, autotune key values, argument specialisation, constexprs) → _Handle."""
+
+    def __init__(self, kernel, params: Sequence, key: Sequence[str]):
+        self.kernel = kernel
+        self.params = list(params)
+        self.names = [p.name for p in self.params]
+        self.key_index = tuple(self.names.index(k) for k in key if k in self.names)
+        self.handles: Dict[tuple, _Handle] = {}
+        self.disabled = False
+
+    def _key(self, device, args: Sequence, constexprs: Dict[str, object]):
+        try:
+            signature = tuple(_arg_signature(a) for a in args)
+        except _Uncacheable:
+            return None
+        where = _index(device) if device.type == "cuda" else str(device)
+        values = tuple(args[i] for i in self.key_index if i < len(args))
+        return where, values, signature, tuple(sorted(constexprs.items()))
+
+    def _remember(self, key, compiled, config, args: Sequence, constexprs: Dict[str, object]) -> None:
+        if compiled is None or config is None:
+            return
+        if hasattr(compiled, "result"):  # an asynchronous compile's future
+            compiled = compiled.result()
+        given = {**constexprs, **config.kwargs}
+        tail = []
+        for param in self.params[len(args):]:
+            if param.name in given:
+                tail.append(given[param.name])
+            elif param.default is not inspect.Parameter.empty:
+                tail.append(param.default)
+            else:
+                return  # cannot rebuild the argument list: stay on the autotuner path for this key
+        self.handles[key] = _Handle(compiled, tuple(tail), self.names[:len(args)], given)
+
+    def launch(self, device, grid, args: Sequence, constexprs: Dict[str, object]) -> None:
+        key = None if self.disabled else self._key(device, args, constexprs)
+        handle = self.handles.get(key) if key is not None else None
+        if handle is not None:
+            try:
+                handle(grid, args)
+                return
+            except Exception as exc:  # any API difference: back to the path that always works
+                self.disabled = True
+                self.handles.clear()
+                name = getattr(getattr(self.kernel, "base_fn", None), "__name__", type(self.kernel).__name__)
+                warnings.warn(
+                    f"lorafast: cached launch of {name} failed ({type(exc).__name__}: {exc}); "
+                    "launching it through triton.autotune from now on",
+                    RuntimeWarning, stacklevel=3,
+                )
+                # fall through: the autotuner path below
+        compiled = self.kernel.run(*args, grid=grid, warmup=False, **constexprs)
+        if key is not None and not self.disabled:
+            self._remember(key, compiled, getattr(self.kernel, "best_config", None), args, constexprs)
+
+
+_HANDLE_CACHES: Dict[int, tuple] = {}
+
+
+def _handles_for(kernel, key: Sequence[str]) -> Optional[_HandleCache]:
+    """The handle cache of an autotuned kernel, or None when it does not look like triton's Autotuner over a
+    JITFunction (the tests' stand-ins): those launch as ``kernel[grid](...)``."""
+    entry = _HANDLE_CACHES.get(id(kernel))
+    if entry is None or entry[0] is not kernel:
+        jit = getattr(kernel, "fn", None)
+        while jit is not None and not hasattr(jit, "params"):
+            jit = getattr(jit, "fn", None)
+        usable = jit is not None and callable(getattr(kernel, "run", None))
+        # The entry keeps the kernel alive, so its id is not reused while the entry exists.
+        entry = (kernel, _HandleCache(kernel, jit.params, key) if usable else None)
+        _HANDLE_CACHES[id(kernel)] = entry
+    return entry[1]
 
 
 def m_bucket(M: int) -> int:

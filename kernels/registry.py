@@ -1,111 +1,254 @@
 """Every shipped kernel with its argument types and configs, for the ahead-of-time compile gate
-(`python -m lorafast.aot`), which checks each one compiles for sm_80/sm_90 without spills and with
-tensor-core instructions."""
+(`python -m lorafast.aot`), which checks each one compiles for sm_80/sm_90 (and AMD gfx942) without
+spills, with tensor-core (MFMA) instructions, without memory fences, with a cheap dropout hash and a
+grid that fills the GPU at the reference shapes.
+
+`aot_entries(arch)` is the full matrix (7 kernels × bf16/fp32 × rank blocks 16/32/64/128, plus the
+QLoRA dequant kernels of `lorafast.kernels.dequant` when that module exists); `aot_entries_ci(arch)`
+is the representative subset the default test suite compiles (see its docstring).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import inspect
+import warnings
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from unittest import mock
 
-from lorafast.kernels.configs import GEMM, SKINNY, gpu_configs
-from lorafast.kernels.lora_bwd import dx_with_lora_epilogue_kernel, lora_grad_a_kernel, lora_grad_h_kernel
-from lorafast.kernels.lora_fwd import lora_expand_gemm_kernel, lora_shrink_kernel
+from lorafast.kernels.configs import DX, EPILOGUE, GEMM, SKINNY, gpu_configs
+from lorafast.kernels.lora_bwd import (
+    dx_lora_add_kernel,
+    dx_with_lora_epilogue_kernel,
+    lora_grad_a_kernel,
+    lora_grad_h_kernel,
+)
+from lorafast.kernels.lora_fwd import lora_expand_add_kernel, lora_expand_gemm_kernel, lora_shrink_kernel
 
 # Each entry's compile uses the widest variant (dropout, bias, dB and db on) since it has the most
 # live registers. Adapters are fp32 for 16-bit activations: PEFT's default upcast, and the cast path.
 # fp16 is not listed: its compile matched bf16 in every row (registers, spills, shared memory).
 AOT_DTYPES = {"bf16": "fp32", "fp32": "fp32"}
-AOT_RANK_BLOCKS = (16, 64)
+# r ≤ 128 runs on Triton (larger ranks fall back to torch): every rank block the launchers can pick.
+AOT_RANK_BLOCKS = (16, 32, 64, 128)
 # Contiguous inputs are what runs: the JIT specialises a stride of 1 to the constant 1 and marks other
 # integers divisible by 16 (":16"); compiling the generic i32 variant instead spilled on most configs
 # because loads could not vectorise. The strided variant is only built at run time for strided inputs.
-UNIT_STRIDES = {
-    "stride_xk", "stride_ak", "stride_wk", "stride_hr", "stride_br", "stride_yn", "stride_dyn", "stride_dxk",
+UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_wk", "stride_br", "stride_yn", "stride_dyn", "stride_dxk"}
+# Arguments the JIT does not specialise (do_not_specialize, or a rank that is rarely a multiple of 16).
+UNSPECIALISED = {"R", "mask_threshold"}
+FLOAT_SCALARS = {"h_factor", "inv_keep"}
+
+# Reference shapes (M, K, N) for the grid check: BERT-base, Llama-8B attention projections, Llama-8B MLP up.
+REFERENCE_SHAPES: Dict[str, Tuple[int, int, int]] = {
+    "bert_2048x768x768": (2048, 768, 768),
+    "llama_8192x4096x4096": (8192, 4096, 4096),
+    "llama_8192x4096x14336": (8192, 4096, 14336),
 }
+# The skinny passes must launch at least this many waves of one CTA per SM at the reference shapes.
+SKINNY_MIN_WAVES = 2.0
+
+GridFn = Callable[[Dict[str, object], Tuple[int, int, int], int], Tuple[int, ...]]
 
 
 @dataclass(frozen=True)
 class AotEntry:
+    """One kernel variant for the gate.
+
+    ``signature``: argument name → Triton type (``"*bf16"``, ``"i32"``, ``"i32:16"`` for a multiple of 16,
+    ``"fp32"``); ``constexprs``: the constexpr values (and unit strides); constexpr parameters with a
+    default in the kernel may be left out. ``arch``: compute capability (80, 90) or an AMD target
+    (``"gfx942"``). Optional checks: ``launch_grid(meta, (M, K, N), num_sms)`` gives the launcher's grid for a
+    config at a shape (CTAs are reported for every reference shape; fewer than ``min_waves`` waves of
+    ``num_sms`` CTAs fail); ``dropout_flag`` names the constexpr that switches the dropout mask on (the gate
+    compiles it off too and reports the mask's instructions per element over the ``mask_tile`` config keys,
+    whose product is the mask elements one loop step computes); ``allow_membar`` exempts a kernel from the
+    no-fence check.
+    """
+
     name: str
     fn: object
     signature: Dict[str, str]
     constexprs: Dict[str, object]
     configs: list
     uses_dot: bool
-    arch: int
+    arch: Union[int, str]
     dtype: str
+    launch_grid: Optional[GridFn] = None
+    min_waves: float = 0.0
+    dropout_flag: str = ""
+    mask_tile: Tuple[str, ...] = ()
+    allow_membar: bool = False
 
 
-def _ints(*names: str) -> Dict[str, str]:
-    return {n: "i32" for n in names}
+def _signature(names: Sequence[str], pointers: Dict[str, str]) -> Dict[str, str]:
+    """Triton types of a kernel's runtime arguments as the JIT sees contiguous, 16-aligned tensors
+    (unit strides are left out: they become constexprs)."""
+    sig = {}
+    for name in names:
+        if name in UNIT_STRIDES:
+            continue
+        if name in pointers:
+            sig[name] = pointers[name]
+        elif name in FLOAT_SCALARS:
+            sig[name] = "fp32"
+        elif name in UNSPECIALISED:
+            sig[name] = "i32"
+        else:
+            sig[name] = "i32:16"
+    return sig
 
 
-def _specialise(signature: Dict[str, str]):
-    """(signature, constexprs) as the JIT sees contiguous, 16-aligned problem sizes."""
-    unit = {name: 1 for name in signature if name in UNIT_STRIDES}
-    sig = {
-        name: (kind + ":16" if kind == "i32" and name != "R" else kind)
-        for name, kind in signature.items()
-        if name not in unit
+def _parameters(fn) -> List[Tuple[str, bool]]:
+    """(name, is constexpr) of a @triton.jit kernel's parameters, in order; from the Python function, so it
+    also works on the interpreter's objects (TRITON_INTERPRET=1)."""
+    py = getattr(fn, "fn", fn)
+    return [(name, "constexpr" in str(p.annotation)) for name, p in inspect.signature(py).parameters.items()]
+
+
+def _runtime_args(fn) -> List[str]:
+    """The kernel's non-constexpr parameters, in order."""
+    return [name for name, constexpr in _parameters(fn) if not constexpr]
+
+
+def _units(fn) -> Dict[str, int]:
+    return {name: 1 for name, _ in _parameters(fn) if name in UNIT_STRIDES}
+
+
+# ---- the launchers' own grids, captured with meta tensors (no GPU, no memory) -------------------------
+
+def _meta(shape, dtype):
+    import torch
+
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _launcher_calls(M: int, K: int, N: int, act, r: int = 16) -> Dict[str, Callable[[], object]]:
+    """One call of each launcher on meta tensors of the given shape; the gate stubs `launch` to read the grid."""
+    import torch
+
+    from lorafast.kernels import lora_bwd, lora_fwd
+
+    f32 = torch.float32
+    x, w, bias, a, b = _meta((M, K), act), _meta((N, K), act), _meta((N,), act), _meta((r, K), f32), _meta((N, r), f32)
+    h, dy, seed, scale = _meta((M, r), f32), _meta((M, N), act), _meta((1,), torch.int64), _meta((), f32)
+    return {
+        "lora_shrink": lambda: lora_fwd.lora_shrink(x, a, seed, 0.1),
+        "lora_expand_gemm": lambda: lora_fwd.lora_expand_gemm(x, w, bias, h, b, scale),
+        "lora_expand_add": lambda: lora_fwd.lora_expand_add(dy, h, b, scale),
+        "lora_grad_h": lambda: lora_bwd.lora_grad_h(dy, b, h, scale, 1.0, True, True),
+        "dx_with_lora_epilogue": lambda: lora_bwd.dx_with_lora_epilogue(dy, w, h, a, seed, 0.1),
+        "dx_lora_add": lambda: lora_bwd.dx_lora_add(x, h, a, seed, 0.1),
+        "lora_grad_a": lambda: lora_bwd.lora_grad_a(x, h, seed, 0.1),
     }
-    return sig, unit
 
 
-def _entries(arch: int, dtype: str, block_r: int) -> List[AotEntry]:
+def launcher_grid(kernel: str, meta: Dict[str, object], shape: Tuple[int, int, int], num_sms: int,
+                  dtype: str = "bf16") -> Tuple[int, ...]:
+    """The grid ``kernel``'s launcher computes for a config (``meta``: its block sizes) at ``shape`` = (M, K, N)
+    on a GPU with ``num_sms`` SMs: the launcher runs on meta tensors with `launch` stubbed to capture its grid
+    function and `num_sms` patched (so `split_for` sees the real rule with that SM count)."""
+    import torch
+
+    from lorafast.kernels import configs, lora_bwd, lora_fwd
+
+    captured = []
+
+    def capture(fn, kind, device, grid, args, *rest, **kwargs):
+        captured.append(grid)
+
+    act = torch.bfloat16 if dtype == "bf16" else torch.float32
+    with contextlib.ExitStack() as stack:
+        for module in (lora_fwd, lora_bwd):
+            stack.enter_context(mock.patch.object(module, "launch", capture))
+        stack.enter_context(mock.patch.object(configs, "num_sms", lambda device: num_sms))
+        _launcher_calls(*shape, act)[kernel]()
+        if len(captured) != 1:
+            raise RuntimeError(f"{kernel}: expected one launch, saw {len(captured)}")
+        return tuple(int(g) for g in captured[0](dict(meta)))
+
+
+def _grid_fn(kernel: str, dtype: str) -> GridFn:
+    return lambda meta, shape, num_sms: launcher_grid(kernel, meta, shape, num_sms, dtype)
+
+
+# ---- entries ------------------------------------------------------------------------------------------
+
+def _entries(arch: Union[int, str], dtype: str, block_r: int) -> List[AotEntry]:
     adapter = AOT_DTYPES[dtype]
     fp32 = dtype == "fp32"
     # fp32 follows torch's default (no TF32): IEEE dots run on FMA units, so no tensor-core check.
     precision = "ieee" if fp32 else "tf32"
     common = {"DOT_PRECISION": precision, "BLOCK_R": block_r}
-    act, ad, f32 = f"*{dtype}", f"*{adapter}", "*fp32"
-    shrink = {
-        "x_ptr": act, "a_ptr": ad, "h_ptr": f32, "seed_ptr": "*i64",
-        **_ints("M", "K", "R", "M_BUCKET", "stride_xm", "stride_xk", "stride_ar", "stride_ak",
-                "stride_hm", "stride_hr"),
-        "p": "fp32",
+    act, ad, f32, i64 = f"*{dtype}", f"*{adapter}", "*fp32", "*i64"
+    pointers = {
+        "x_ptr": act, "w_ptr": act, "bias_ptr": act, "y_ptr": act, "dy_ptr": act, "dx_ptr": act,
+        "a_ptr": ad, "b_ptr": ad, "seed_ptr": i64,
+        "h_ptr": f32, "dh_ptr": f32, "da_ptr": f32, "scale_ptr": f32, "db_lora_ptr": f32, "dbias_ptr": f32,
     }
-    expand = {
-        "x_ptr": act, "w_ptr": act, "bias_ptr": act, "h_ptr": f32, "b_ptr": ad, "scale_ptr": f32, "y_ptr": act,
-        **_ints("M", "N", "K", "R", "M_BUCKET", "stride_xm", "stride_xk", "stride_wn", "stride_wk",
-                "stride_hm", "stride_hr", "stride_bn", "stride_br", "stride_ym", "stride_yn"),
-        "h_factor": "fp32",
-    }
-    grad_h = {
-        "dy_ptr": act, "b_ptr": ad, "h_ptr": f32, "scale_ptr": f32, "dh_ptr": f32, "db_lora_ptr": f32,
-        "dbias_ptr": f32,
-        **_ints("M", "N", "R", "M_BUCKET", "stride_dym", "stride_dyn", "stride_bn", "stride_br",
-                "stride_hm", "stride_hr"),
-        "h_factor": "fp32",
-    }
-    dx = {
-        "dy_ptr": act, "w_ptr": act, "dh_ptr": f32, "a_ptr": ad, "seed_ptr": "*i64", "dx_ptr": act,
-        **_ints("M", "N", "K", "R", "M_BUCKET", "stride_dym", "stride_dyn", "stride_wn", "stride_wk",
-                "stride_ar", "stride_ak", "stride_dxm", "stride_dxk"),
-        "p": "fp32", "inv_keep": "fp32",
-    }
-    grad_a = {
-        "x_ptr": act, "dh_ptr": f32, "seed_ptr": "*i64", "da_ptr": f32,
-        **_ints("M", "K", "R", "M_BUCKET", "stride_xm", "stride_xk"),
-        "p": "fp32", "inv_keep": "fp32",
-    }
+    # (name, kernel, constexprs, config family the launcher uses, skinny?, mask tile)
     rows = [
-        ("lora_shrink", lora_shrink_kernel, shrink, {"HAS_DROPOUT": True}, SKINNY),
-        ("lora_expand_gemm", lora_expand_gemm_kernel, expand, {"HAS_BIAS": True, "GROUP_M": 8}, GEMM),
-        ("lora_grad_h", lora_grad_h_kernel, grad_h, {"NEED_DB_LORA": True, "NEED_DBIAS": True}, SKINNY),
-        ("dx_with_lora_epilogue", dx_with_lora_epilogue_kernel, dx, {"HAS_DROPOUT": True, "GROUP_M": 8}, GEMM),
-        ("lora_grad_a", lora_grad_a_kernel, grad_a, {"HAS_DROPOUT": True, "SPLIT_M": 4}, SKINNY),
+        ("lora_shrink", lora_shrink_kernel, {"HAS_DROPOUT": True}, SKINNY, True, ("BLOCK_M", "BLOCK_K")),
+        ("lora_expand_gemm", lora_expand_gemm_kernel, {"HAS_BIAS": True, "GROUP_M": 8}, GEMM, False, ()),
+        ("lora_expand_add", lora_expand_add_kernel, {}, EPILOGUE, False, ()),
+        ("lora_grad_h", lora_grad_h_kernel, {"NEED_DB_LORA": True, "NEED_DBIAS": True}, SKINNY, True, ()),
+        ("dx_with_lora_epilogue", dx_with_lora_epilogue_kernel, {"HAS_DROPOUT": True, "GROUP_M": 8}, DX, False,
+         ("BLOCK_M", "BLOCK_N")),
+        ("dx_lora_add", dx_lora_add_kernel, {"HAS_DROPOUT": True}, EPILOGUE, False, ("BLOCK_M", "BLOCK_N")),
+        ("lora_grad_a", lora_grad_a_kernel, {"HAS_DROPOUT": True}, SKINNY, True, ("BLOCK_M", "BLOCK_K")),
     ]
     entries = []
-    for name, fn, signature, extra, kind in rows:
-        sig, unit = _specialise(signature)
-        entries.append(AotEntry(f"{name}[r{block_r}]", fn, sig, {**common, **extra, **unit},
-                                gpu_configs(kind, arch, fp32), not fp32, arch, dtype))
+    for name, fn, extra, kind, skinny, mask_tile in rows:
+        entries.append(AotEntry(
+            f"{name}[r{block_r}]", fn, _signature(_runtime_args(fn), pointers), {**common, **extra, **_units(fn)},
+            gpu_configs(kind, arch, fp32), not fp32, arch, dtype,
+            launch_grid=_grid_fn(name, dtype), min_waves=SKINNY_MIN_WAVES if skinny else 0.0,
+            dropout_flag="HAS_DROPOUT" if mask_tile else "", mask_tile=mask_tile,
+        ))
     return entries
 
 
-def aot_entries(arch: int) -> List[AotEntry]:
-    """All (kernel, dtype, rank block) variants for compute capability ``arch`` (80 or 90).
+def _dequant_entries(arch: Union[int, str]) -> list:
+    """The QLoRA dequant kernels' entries, when `lorafast.kernels.dequant` exists (CUDA targets only)."""
+    if not isinstance(arch, int):
+        return []
+    try:
+        # Imported here: dequant imports this module for AotEntry.
+        from lorafast.kernels import dequant
+    except ModuleNotFoundError as exc:
+        if exc.name in ("lorafast.kernels.dequant", "kernels.dequant"):
+            return []
+        warnings.warn(f"lorafast.kernels.dequant not compiled by the gate: {exc}", stacklevel=2)
+        return []
+    except ImportError as exc:
+        warnings.warn(f"lorafast.kernels.dequant not compiled by the gate: {exc}", stacklevel=2)
+        return []
+    entries = getattr(dequant, "aot_entries", None)
+    return list(entries(arch)) if entries is not None else []
 
-    bf16 and fp32 are compiled at rank blocks 16 and 64 (r ≤ 16 and the largest benchmarked rank).
-    """
-    return [e for dtype in AOT_DTYPES for block_r in AOT_RANK_BLOCKS for e in _entries(arch, dtype, block_r)]
+
+def aot_entries(arch: Union[int, str]) -> List[AotEntry]:
+    """All (kernel, dtype, rank block) variants for ``arch`` (80, 90 or "gfx942"), plus the dequant kernels."""
+    lora = [e for dtype in AOT_DTYPES for block_r in AOT_RANK_BLOCKS for e in _entries(arch, dtype, block_r)]
+    return lora + _dequant_entries(arch)
+
+
+# The default test suite's subset (2 CPU cores, a few minutes at most): sm_90 compiles every config of bf16
+# at rank block 128 (the most live registers, the wgmma path) and of fp32 at 128 (the spill-prone fp32
+# tables at their widest); sm_80 (bf16, r = 16, where sm_90 falls back to HMMA) and gfx942 (bf16, r = 64)
+# compile the first config of each kernel.
+_CI_SUBSET = {90: (("bf16", 128, None), ("fp32", 128, None)), 80: (("bf16", 16, 1),)}
+_CI_SUBSET_AMD = (("bf16", 64, 1),)
+
+
+def aot_entries_ci(arch: Union[int, str]) -> List[AotEntry]:
+    """The representative subset the default test suite compiles (`_CI_SUBSET`), plus the dequant kernels;
+    the CLI (`python -m lorafast.aot`) compiles all of `aot_entries`."""
+    subset = _CI_SUBSET_AMD if isinstance(arch, str) else _CI_SUBSET.get(arch, (("bf16", 16, 1),))
+    lora = [
+        dataclasses.replace(e, configs=e.configs[:n]) if n else e
+        for dtype, block_r, n in subset for e in _entries(arch, dtype, block_r)
+    ]
+    return lora + _dequant_entries(arch)

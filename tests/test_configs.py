@@ -2,9 +2,12 @@
 and the work-split rule. What only a GPU can show (a real launch on cuda:1) is in the gpu-marked test."""
 
 import contextlib
+import inspect
+import warnings
 
 import pytest
 import torch
+import triton
 
 from lorafast.kernels import configs
 
@@ -113,3 +116,134 @@ def test_model_on_second_gpu_without_set_device():
         y = lorafast.lora_linear(x, w, None, a, b, 0.5, backend=strategy)
         ref = reference.lora_linear(x.double(), w.double(), None, a.double(), b.double(), 0.5)
         assert (y.double() - ref).norm() / ref.norm() < 2e-2
+
+
+# ---- cached compiled handles (issue 10): the caching logic with stand-ins for triton's objects ----------
+
+class _Param:
+    def __init__(self, name, default=inspect.Parameter.empty):
+        self.name, self.default = name, default
+
+
+class _FakeJit:
+    """The parameter list of a kernel(x_ptr, M, M_BUCKET, BLOCK_R, BLOCK_M, PRECISION="ieee")."""
+
+    params = [_Param("x_ptr"), _Param("M"), _Param("M_BUCKET"), _Param("BLOCK_R"), _Param("BLOCK_M"),
+              _Param("PRECISION", default="ieee")]
+
+
+class _FakeCompiled:
+    def __init__(self, log, error=None):
+        self.log, self.error = log, error
+
+    def __getitem__(self, grid):
+        def run(*args):
+            if self.error is not None:
+                raise self.error
+            self.log.append(("handle", grid, args))
+
+        return run
+
+
+class _FakeAutotuner:
+    """Stands in for triton.autotune(...)(jit_fn): `run` is the autotuner path and returns the compiled kernel."""
+
+    def __init__(self, log, compiled):
+        self.fn, self.log, self.compiled = _FakeJit(), log, compiled
+        self.best_config = None
+
+    def run(self, *args, grid, warmup, **constexprs):
+        assert not warmup
+        self.best_config = triton.Config({"BLOCK_M": 32}, num_warps=4)
+        self.log.append(("autotune", grid({"M": args[1], **constexprs, **self.best_config.kwargs}), args))
+        return self.compiled
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
+
+
+@pytest.fixture
+def fake_autotuner(monkeypatch):
+    log = []
+    kernel = _FakeAutotuner(log, _FakeCompiled(log))
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setattr(configs, "device_arch", lambda device: 90)
+    monkeypatch.setattr(configs, "FAST_LAUNCH", True)
+    monkeypatch.setattr(configs, "_HANDLE_CACHES", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(configs, "_autotuned", lambda *a, **k: kernel)
+    return kernel, log
+
+
+def _launch(x, M=64, m_bucket=64, device="cuda:0"):
+    configs.launch(object(), configs.SKINNY, torch.device(device), lambda meta: (meta["M"] // meta["BLOCK_M"], 3),
+                   (x, M, m_bucket), key=("M_BUCKET",), BLOCK_R=16)
+
+
+def test_second_launch_goes_through_the_cached_handle(fake_autotuner):
+    kernel, log = fake_autotuner
+    x = torch.randn(8, 8)
+    _launch(x)
+    _launch(x)
+    _launch(x, M=96)  # same autotune key and specialisation: same handle, grid recomputed for M
+    assert [entry[0] for entry in log] == ["autotune", "handle", "handle"]
+    # Every parameter in order: the runtime args, then the constexprs (config and default values included).
+    assert log[1] == ("handle", (2, 3, 1), (x, 64, 64, 16, 32, "ieee"))
+    assert log[2][1] == (3, 3, 1)
+
+
+@pytest.mark.parametrize("change", ["key", "alignment", "dtype", "unit_int", "device", "constexpr"])
+def test_a_new_key_or_specialisation_goes_back_to_the_autotuner(fake_autotuner, monkeypatch, change):
+    kernel, log = fake_autotuner
+    x = torch.randn(64)
+    _launch(x)
+    _launch(x)
+    assert [entry[0] for entry in log] == ["autotune", "handle"]
+    if change == "key":
+        _launch(x, m_bucket=128)
+    elif change == "alignment":
+        _launch(x[1:])  # 4 bytes past a 64-byte-aligned allocation: the JIT drops the divisibility hint
+    elif change == "dtype":
+        _launch(x.double())
+    elif change == "unit_int":
+        _launch(x, M=1)  # the JIT specialises an int equal to 1 to a constant
+    elif change == "device":
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+        _launch(x, device="cuda")  # the current device is cuda:1 now: its own compiled module
+    else:
+        configs.launch(object(), configs.SKINNY, torch.device("cuda:0"), lambda meta: (1,), (x, 64, 64),
+                       key=("M_BUCKET",), BLOCK_R=32)
+    assert log[-1][0] == "autotune", change
+
+
+def test_a_failing_handle_warns_once_and_falls_back_to_the_autotuner(fake_autotuner):
+    kernel, log = fake_autotuner
+    kernel.compiled = _FakeCompiled(log, error=TypeError("launcher takes 9 arguments"))
+    x = torch.randn(8, 8)
+    _launch(x)
+    with pytest.warns(RuntimeWarning, match="cached launch .* failed"):
+        _launch(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _launch(x)
+        _launch(x, m_bucket=128)
+    assert [entry[0] for entry in log] == ["autotune"] * 4, "every launch ran once, through the autotuner"
+
+
+def test_fast_launch_off_and_foreign_kernels_use_the_autotuner_path(fake_autotuner, monkeypatch):
+    kernel, log = fake_autotuner
+    monkeypatch.setattr(configs, "FAST_LAUNCH", False)
+    x = torch.randn(8, 8)
+    _launch(x)
+    _launch(x)
+    assert [entry[0] for entry in log] == ["autotune", "autotune"]
+    monkeypatch.setattr(configs, "FAST_LAUNCH", True)
+    _launch(x, M=1)
+    _launch(x, M=1)
+    assert log[-1][0] == "handle"
+    # An argument the key cannot describe is never cached.
+    configs.launch(object(), configs.SKINNY, torch.device("cuda:0"), lambda meta: (1,), (object(), 64, 64),
+                   key=("M_BUCKET",), BLOCK_R=16)
+    configs.launch(object(), configs.SKINNY, torch.device("cuda:0"), lambda meta: (1,), (object(), 64, 64),
+                   key=("M_BUCKET",), BLOCK_R=16)
+    assert [entry[0] for entry in log[-2:]] == ["autotune", "autotune"]
