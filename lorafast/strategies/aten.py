@@ -79,8 +79,8 @@ def cpu_keep_mask(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
     gen = getattr(_thread_state, "generator", None)
     if gen is None:
         gen = _thread_state.generator = torch.Generator()
-    gen.manual_seed(int(seed.reshape(-1)[0]))
-    return torch.empty((M, K)).uniform_(generator=gen).ge_(p)
+    gen.manual_seed(seed.item())  # one element (checked by the caller's contract); one call, not three
+    return torch.rand((M, K), generator=gen).ge_(p)  # torch.rand is empty + uniform_: the same bits
 
 
 def dropout_keep_mask(seed: torch.Tensor, M: int, K: int, p: float, dtype: torch.dtype) -> torch.Tensor:
