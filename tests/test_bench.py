@@ -356,11 +356,14 @@ def test_quant_nf4_errors_are_against_the_dequantized_weight():
     result = quant.run_quant(config)
     rows = {(r["impl"], r["dropout"], r["mode"]): r for r in result["rows"]}
     assert {k[0] for k in rows} == {"lorafast", "peft", "base"}
+    assert ("lorafast", None, "fwd") in rows or any("repacked" in n for n in result["notes"])
+    assert ("peft", None, "fwd") in rows
     for impl in ("lorafast", "peft"):
         for key in ("y", "dx", "da", "db"):
             assert rows[(impl, 0.0, "fwd+bwd")]["errors"][key] < 1e-4, (impl, key)
-        # eval on a CPU that repacks the weight runs bitsandbytes' bf16 gemv: a larger, still small error
-        assert rows[(impl, None, "fwd")]["errors"]["y"] < 1e-2
+        if (impl, None, "fwd") in rows:  # no lorafast eval row where bitsandbytes repacks for CPU inference
+            # (that CPU path runs bitsandbytes' bf16 gemv: a larger, still small error)
+            assert rows[(impl, None, "fwd")]["errors"]["y"] < 1e-2
         assert rows[(impl, 0.1, "fwd+bwd")]["errors"] == {}  # masks differ: time and memory only
         assert rows[(impl, 0.1, "fwd+bwd")]["saved_bytes"] > 0
     # The quantization error is far above that: the reference must be on the dequantized weight.
