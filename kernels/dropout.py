@@ -18,17 +18,15 @@ products never overflow (no reliance on wrap-around). The 31-bit threshold gives
 import triton
 import triton.language as tl
 
-# Plain ints for the torch implementation; tl.constexpr copies for the kernels (Triton only reads
-# module globals that are constexpr).
-MUL1, MUL2, SALT = 0x21F0AAAD, 0x735A2D97, 0x9E3779B9
+# The hash's constants and the threshold rule live in the triton-free torch implementation
+# (lorafast/dropout.py), so `import lorafast` works without triton; tl.constexpr copies for the kernels
+# (Triton only reads module globals that are constexpr).
+from lorafast.dropout import MUL1, MUL2, SALT, mask_threshold  # noqa: E402
+
 MIX_MUL1 = tl.constexpr(MUL1)
 MIX_MUL2 = tl.constexpr(MUL2)
 COL_SALT = tl.constexpr(SALT)
-
-
-def mask_threshold(p: float) -> int:
-    """The int32 threshold on ``u >> 1`` for drop probability ``p`` in [0, 1): keep iff (u >> 1) >= it."""
-    return min(int(round(p * 2**31)), 2**31 - 1)
+__all__ = ["mask_threshold"]
 
 
 @triton.jit

@@ -58,6 +58,18 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(index)
 
 
+def _adapter_tag(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
+    """The adapter dtype, plus the rank-r dots' precision where it is a choice (fp32 adapters on 16-bit x:
+    kernels.dtypes.set_adapter_precision), since the two precisions time differently."""
+    tag = str(adapter_dtype).replace("torch.", "")
+    if adapter_dtype == torch.float32 and x_dtype in (torch.float16, torch.bfloat16):
+        from lorafast.kernels.dtypes import lora_dot
+
+        fp32, precision = lora_dot(x_dtype, adapter_dtype)
+        tag += f"@fp32-{precision}" if fp32 else "@compute"
+    return tag
+
+
 @dataclass(frozen=True)
 class StrategyKey:
     """What a strategy choice depends on. ``op`` names the problem family ("lora"; QLoRA uses e.g. "nf4")."""
@@ -93,7 +105,7 @@ class StrategyKey:
             op=op,
             device=_device_name(x.device),
             dtype=str(x.dtype).replace("torch.", ""),
-            adapter_dtype=str(lora_a.dtype).replace("torch.", ""),
+            adapter_dtype=_adapter_tag(x.dtype, lora_a.dtype),
             m_bucket=_bucket(x.shape[0]),
             n=int(weight.shape[0]),
             k=int(x.shape[1]),
@@ -280,8 +292,8 @@ def select_call(
     instead of building its StrategyKey (~7 µs)."""
     if torch.compiler.is_compiling() and not all(isinstance(d, int) for d in (*x.shape, *weight.shape, *lora_a.shape)):
         return default  # symbolic sizes (dynamic shapes): reading them into a key would specialise the graph
-    exact = (op, x.device, x.dtype, lora_a.dtype, x.shape[0], weight.shape[0], x.shape[1], lora_a.shape[0],
-             dropout_p > 0.0, needs, candidates)
+    exact = (op, x.device, x.dtype, _adapter_tag(x.dtype, lora_a.dtype), x.shape[0], weight.shape[0], x.shape[1],
+             lora_a.shape[0], dropout_p > 0.0, needs, candidates)
     name = _by_call.get(exact)
     if name is None:
         key = StrategyKey.for_call(x, weight, lora_a, dropout_p, *needs, op=op)

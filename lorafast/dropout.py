@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from lorafast.kernels.dropout import MUL1, MUL2, SALT, mask_threshold
-
+# mix32's odd multipliers (both < 2³¹, so the int64 products below never overflow) and the column salt;
+# kernels/dropout.py imports them, so the kernels and these torch ops cannot drift apart.
+MUL1, MUL2, SALT = 0x21F0AAAD, 0x735A2D97, 0x9E3779B9
 _M32 = 0xFFFFFFFF
+
+
+def mask_threshold(p: float) -> int:
+    """The int32 threshold on ``u >> 1`` for drop probability ``p`` in [0, 1): keep iff (u >> 1) >= it."""
+    return min(int(round(p * 2**31)), 2**31 - 1)
 
 
 def _mix32_(x: torch.Tensor) -> torch.Tensor:

@@ -83,6 +83,18 @@ def test_key_buckets_m_and_rank_and_separates_what_changes_the_work():
     assert key != dispatch.StrategyKey.for_call(x, w, a, 0.0, True, True, True, False, op="nf4")
 
 
+def test_key_separates_the_adapter_precision_of_fp32_adapters_on_bf16(monkeypatch):
+    from lorafast.kernels import dtypes
+
+    x, w, a = torch.randn(64, 16, dtype=torch.bfloat16), torch.randn(8, 16), torch.randn(4, 16)
+    monkeypatch.setattr(dtypes, "_adapter_precision", "compute")
+    compute = dispatch.StrategyKey.for_call(x, w, a, 0.0, True, True, True, False)
+    monkeypatch.setattr(dtypes, "_adapter_precision", "fp32")
+    fp32 = dispatch.StrategyKey.for_call(x, w, a, 0.0, True, True, True, False)
+    assert compute.adapter_dtype == "float32@compute" and fp32.adapter_dtype.startswith("float32@fp32-")
+    assert dispatch.StrategyKey.for_call(x, w, a.bfloat16(), 0.0, True, True, True, False).adapter_dtype == "bfloat16"
+
+
 def test_timing_steps_run_every_strategy_without_touching_the_default_rng(cache_dir):
     """The timing closures really run (fwd + bwd, dropout on) and draw nothing from torch's generator, so a
     first (timed) call and a later (cached) call see the same dropout seeds — checkpointing relies on it."""

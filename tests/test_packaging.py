@@ -43,3 +43,20 @@ def test_real_kernels_distribution_wins(tmp_path):
         print(getattr(kernels, "REAL", False))
     """
     assert run_from_checkout(code, extra_path=str(tmp_path / "site")) == "True"
+
+
+def test_cpu_user_without_triton_can_import_and_train():
+    """triton is an extra on CPU (setup.py): `import lorafast`, the aten strategy with dropout, LoRALinear and
+    lorafast.patch on a PEFT model must work when triton cannot be imported at all."""
+    code = """
+        import sys
+        sys.modules["triton"] = None  # any `import triton` now raises ImportError
+        import torch, lorafast
+        from peft import LoraConfig, get_peft_model
+        layer = lorafast.LoRALinear(16, 8, r=4, lora_dropout=0.1).train()
+        layer(torch.randn(5, 16)).sum().backward()
+        model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 8)), LoraConfig(target_modules=["0"]))
+        print(lorafast.patch(model), "triton" in sys.modules and sys.modules["triton"] is not None)
+        model(torch.randn(3, 16)).sum().backward()
+    """
+    assert run_from_checkout(code).splitlines()[-1] == "1 False"
