@@ -8,11 +8,13 @@ Public API::
     lorafast.LoRALinear(...), lorafast.LoRALinear.from_linear(linear, ...)
     lorafast.patch(peft_model), lorafast.unpatch(peft_model)   # PEFT drop-in
     lorafast.tune(model, *example_inputs)    # pre-time backend="auto"'s strategies for a model's shapes (CUDA)
+    lorafast.set_adapter_precision("fp32")   # PEFT's precision for fp32 adapters on a 16-bit base (Triton paths)
 """
 
 from lorafast import reference
 from lorafast.dispatch import tune
 from lorafast.functional import lora_linear
+from lorafast.kernels.dtypes import set_adapter_precision
 from lorafast.modules import LoRALinear
 
 __version__ = "0.1.0"
@@ -38,4 +40,4 @@ def unpatch(model):
     return _unpatch(model)
 
 
-__all__ = ["LoRALinear", "lora_linear", "patch", "reference", "tune", "unpatch", "__version__"]
+__all__ = ["LoRALinear", "lora_linear", "patch", "reference", "set_adapter_precision", "tune", "unpatch", "__version__"]
