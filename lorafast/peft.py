@@ -1,10 +1,15 @@
 """PEFT drop-in: run PEFT's LoRA ``Linear`` layers through :func:`lorafast.lora_linear`.
 
 ``patch(model)`` changes the class of every plain ``peft.tuners.lora.layer.Linear`` in place to
-:class:`FusedLoraLinear`, a subclass that overrides only ``forward``. Parameters, buffers, submodules,
-state_dict keys, saved adapter files and merge/unload behaviour are PEFT's own; ``unpatch`` restores
-the class. Whatever the fused op does not cover falls back to PEFT's ``forward`` (``super().forward``),
-so results always match PEFT:
+:class:`FusedLoraLinear`, a subclass that overrides only ``forward`` (and the name it prints as).
+Parameters, buffers, submodules, state_dict keys, saved adapter files and merge/unload behaviour are
+PEFT's own; ``unpatch`` restores the class. Whatever the fused op does not cover falls back to PEFT's
+``forward`` (``super().forward``), so results always match PEFT.
+
+Each layer plans once per module state (which path, dropout p, autocast casts, validated arguments) and
+re-plans when a fingerprint of that state changes (set_adapter, add/delete, merge, enable/disable,
+dropout p, train/eval, ``.to()``, parameter replacement, hooks, autocast, scales); tensors are read from
+the modules on every call, so in-place updates are always seen.
 
 Fused (one ``lora_linear`` call): one or several active vanilla-LoRA adapters (several are concatenated
 along r with each adapter's scale folded into its B slice), rsLoRA, scaling as float or 0-dim tensor
@@ -128,8 +133,9 @@ class FusedLoraLinear(PeftLoraLinear):
     def _plan_key(self, x: torch.Tensor) -> tuple:
         """Everything :meth:`_make_plan` reads, cheaply (µs): the plan is valid while this stays equal.
 
-        Identities are ``id``s of objects the modules keep alive (a replaced module or parameter gives a new
-        key); requires_grad is not part of it (the op reads it per call).
+        A replaced module or parameter gives a new ``id`` (and should a new object reuse a freed one's
+        address, the plan's decision still holds: types, dtypes, devices and shapes are in the key too, and
+        tensors are read per call). requires_grad is not part of it (the op reads it per call).
         """
         modules = self._modules
         base = modules["base_layer"]
@@ -143,7 +149,7 @@ class FusedLoraLinear(PeftLoraLinear):
             self._disable_adapters, bool(self.merged_adapters), names, self.fan_in_fan_out,
             self.cast_input_dtype_enabled, x.dtype, x.device, autocast,
             torch.get_autocast_dtype(device_type) if autocast else None,
-            _has_global_hooks() or _has_hooks(base), id(base), id(w), id(params.get("bias")),
+            _has_global_hooks() or _has_hooks(base), type(base), id(base), id(w), id(params.get("bias")),
             None if w is None else (w.dtype, w.device, w.shape),
         )
         lora_A, lora_B = modules["lora_A"]._modules, modules["lora_B"]._modules
@@ -158,7 +164,8 @@ class FusedLoraLinear(PeftLoraLinear):
             a_params, b_params = a_module._parameters, b_module._parameters
             a_w, b_w = a_params.get("weight"), b_params.get("weight")
             key += (
-                name, id(variants.get(name)), id(a_module), id(b_module), id(dropout),
+                name, id(variants.get(name)), type(a_module), type(b_module), type(dropout),
+                id(a_module), id(b_module), id(dropout),
                 _has_hooks(a_module) or _has_hooks(b_module) or _has_hooks(dropout),
                 # __dict__, not getattr: nn.Identity has no p, and a failed module getattr costs µs.
                 dropout.training, dropout.__dict__.get("p"), s if type(s) is float else id(s),
@@ -417,7 +424,8 @@ def patch(model: nn.Module, backend: str = "auto") -> int:
 
     Args:
         model: a ``PeftModel`` or any module containing PEFT LoRA layers.
-        backend: "auto" | "triton" | "torch", passed to :func:`lorafast.lora_linear`.
+        backend: "auto" | "fused" | "cublas" | "aten" (or the aliases "triton" | "torch"), as
+            :func:`lorafast.lora_linear` takes it.
 
     Returns:
         The number of layers newly patched by this call (0 on a second call).
