@@ -33,53 +33,56 @@ def _cfg(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
     return triton.Config(dict(blocks), num_warps=num_warps, num_stages=num_stages)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); GROUP_M = 8 for the GEMMs (L2 reuse of W). Every row passes
-# the AOT gate (no spills, shared memory within the limit). Not yet timed on a GPU.
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, largest rank block]); GROUP_M = 8 for the GEMMs (L2 reuse of
+# W). A sixth value limits a row to rank blocks up to it: the AOT gate (triton 3.9, every rank block 16–128)
+# found those rows spilling above it, because the rank-r operands and accumulators (BLOCK_M × BLOCK_R fp32,
+# and dB's BLOCK_N × BLOCK_R in the dH pass) grow with the rank block. Every row passes the gate (no spills,
+# shared memory within the limit) at the rank blocks it is used for. Not yet timed on a GPU.
 _TABLES = {
     GEMM: {
         # 128×256×64 at 3 stages is back for the forward: it only failed shared memory in the dX kernel,
         # whose block roles were swapped until dX got its own table.
-        90: [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 8, 4)],
-        80: [(128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4)],
+        90: [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3, 64), (64, 128, 64, 4, 4, 64), (128, 64, 64, 8, 4)],
+        80: [(128, 128, 32, 8, 4, 64), (64, 128, 32, 4, 4, 64), (128, 64, 32, 4, 4, 64), (64, 128, 32, 8, 3)],
     },
     DX: {
         # 128×256×64 (8 warps, 2 stages) spilled 528 B on sm_90 with the dropout epilogue (AOT gate, r = 16):
         # replaced by 128×128×64 at 4 stages.
         90: [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 8, 4)],
-        80: [(128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4)],
+        80: [(128, 128, 32, 8, 4, 64), (64, 128, 32, 4, 4, 32), (128, 64, 32, 4, 4, 64), (64, 128, 32, 8, 3)],
     },
     # Skinny passes stream one big operand; BLOCK_N names the streamed dimension's tile (dH over N),
     # BLOCK_K the shrink's and dA's column tile. Every row keeps BLOCK_M·BLOCK_N and BLOCK_M·BLOCK_K ≤ 4096
     # so the split grid reaches 2 waves on 132 SMs at BERT-base (M = 2048, K = N = 768: 384 tiles); the AOT
     # gate's grid check found 64×128 and 128×64 tiles at 192 CTAs there (1.45 waves). Not timed on a GPU.
     SKINNY: {
-        90: [(64, 64, 64, 4, 4), (128, 32, 32, 4, 4), (32, 128, 128, 4, 3)],
-        80: [(64, 64, 64, 4, 4), (128, 32, 32, 4, 4), (32, 128, 64, 4, 3)],
+        90: [(64, 64, 64, 4, 4, 64), (128, 32, 32, 4, 4, 32), (32, 128, 128, 4, 3, 32), (64, 64, 64, 8, 3)],
+        80: [(64, 64, 64, 4, 4, 64), (128, 32, 32, 4, 4, 32), (32, 128, 64, 4, 3, 32), (64, 64, 64, 8, 3)],
     },
     # Elementwise-sized tiles with one small dot; BLOCK_K is unused.
     EPILOGUE: {
         90: [(64, 128, 16, 4, 2), (128, 128, 16, 8, 2), (64, 64, 16, 4, 2)],
-        80: [(64, 128, 16, 4, 2), (128, 64, 16, 8, 2), (64, 64, 16, 4, 2)],
+        80: [(64, 128, 16, 4, 2, 64), (128, 64, 16, 8, 2), (64, 64, 16, 4, 2)],
     },
 }
-# fp32 operands are twice as wide and IEEE dots run on FMA units, so fp32 gets small tiles: these rows
-# are the ones the AOT gate found spill-free at rank block 64 on both arches (64×128 and 64×64 tiles
-# spilled 288–8,568 B in the dH/dB and dA passes). fp32 is a correctness path for the fused GEMMs; on
-# CUDA the dispatcher runs fp32 on cuBLAS (`cublas`/`aten`) by default.
+# fp32 operands are twice as wide and IEEE dots run on FMA units, so fp32 gets small tiles (64×128 and 64×64
+# tiles spilled 288–8,568 B in the dH/dB and dA passes). fp32 is a correctness path for the fused GEMMs; on
+# CUDA the dispatcher runs fp32 on cuBLAS (`cublas`/`aten`) by default. The 16-row tiles are for rank block 128,
+# where every 32-row tile spilled on sm_80 or sm_90.
 _FP32_TABLE = {
-    GEMM: [(32, 64, 32, 8, 2), (32, 32, 32, 4, 2)],
-    DX: [(32, 64, 32, 8, 2), (32, 32, 32, 4, 2)],
-    SKINNY: [(32, 64, 32, 8, 2), (32, 32, 32, 4, 2)],
-    EPILOGUE: [(32, 64, 16, 4, 2), (32, 32, 16, 4, 2)],
+    GEMM: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
+    DX: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
+    SKINNY: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 16), (16, 32, 16, 4, 2)],
+    EPILOGUE: [(32, 64, 16, 4, 2, 16), (32, 32, 16, 4, 2, 64), (16, 32, 16, 4, 2)],
 }
 # AMD CDNA3 (MI300, gfx942; warp = 64-lane wavefront): 64 KiB of LDS per workgroup, so the NVIDIA
 # tables' deep pipelines do not fit; Triton's AMD stream pipeliner runs num_stages = 2. Rows from the
 # AOT gate (`--arch gfx942`: no scratch spills, LDS within 64 KiB, MFMA present); not timed on a GPU.
 _AMD_TABLES = {
     GEMM: [(128, 128, 64, 8, 2), (64, 128, 64, 4, 2), (128, 64, 64, 4, 2)],
-    DX: [(128, 128, 64, 8, 2), (64, 128, 64, 4, 2), (128, 64, 64, 4, 2)],
-    SKINNY: [(64, 64, 64, 4, 2), (128, 32, 32, 4, 2), (32, 128, 128, 4, 2)],
-    EPILOGUE: [(64, 128, 16, 4, 2), (128, 64, 16, 8, 2), (64, 64, 16, 4, 2)],
+    DX: [(128, 128, 64, 8, 2, 64), (64, 128, 64, 4, 2), (128, 64, 64, 4, 2)],
+    SKINNY: [(64, 64, 64, 4, 2), (128, 32, 32, 4, 2, 32), (32, 128, 128, 4, 2, 32)],
+    EPILOGUE: [(64, 128, 16, 4, 2), (128, 64, 16, 8, 2, 32), (64, 64, 16, 4, 2, 32)],
 }
 _AMD_FP32_TABLE = {
     GEMM: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
@@ -90,17 +93,17 @@ _AMD_FP32_TABLE = {
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
 
 
-def configs(kind: str, arch: int, fp32: bool = False) -> List[triton.Config]:
+def configs(kind: str, arch: Union[int, str], fp32: bool = False, block_r: int = 16) -> List[triton.Config]:
     """Configs to run with: the GPU autotune list, or the interpreter's single config."""
     if interpreting():
         return [triton.Config(dict(_INTERPRETER_CONFIG), num_warps=4, num_stages=1)]
-    return gpu_configs(kind, arch, fp32)
+    return gpu_configs(kind, arch, fp32, block_r)
 
 
-def gpu_configs(kind: str, arch: Union[int, str], fp32: bool = False) -> List[triton.Config]:
+def gpu_configs(kind: str, arch: Union[int, str], fp32: bool = False, block_r: int = 16) -> List[triton.Config]:
     """Autotune candidates for a kernel family on compute capability ``arch`` (80, 90, ...) or an AMD
-    target (``"gfx942"``, what `device_arch` returns on ROCm); ``fp32``: the operands are fp32 (the
-    smaller-tile table)."""
+    target (``"gfx942"``, what `device_arch` returns on ROCm) at rank block ``block_r``; ``fp32``: the
+    operands are fp32 (the smaller-tile table)."""
     if isinstance(arch, str):
         rows = (_AMD_FP32_TABLE if fp32 else _AMD_TABLES)[kind]
     elif fp32:
@@ -108,7 +111,8 @@ def gpu_configs(kind: str, arch: Union[int, str], fp32: bool = False) -> List[tr
     else:
         table = _TABLES[kind]
         rows = table[90] if arch >= 90 else table[80]
-    return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk) for bm, bn, bk, w, s in rows]
+    return [_cfg(row[3], row[4], BLOCK_M=row[0], BLOCK_N=row[1], BLOCK_K=row[2])
+            for row in rows if len(row) < 6 or block_r <= row[5]]
 
 
 @functools.cache
@@ -189,9 +193,9 @@ _AUTOTUNE_KWARGS = (
 
 @functools.cache
 def _autotuned(fn, kind: str, arch: Union[int, str], fp32: bool, key: Sequence[str], reset_to_zero: Sequence[str],
-               restore: Sequence[str]):
+               restore: Sequence[str], block_r: int = 16):
     return triton.autotune(
-        configs=configs(kind, arch, fp32), key=list(key), reset_to_zero=list(reset_to_zero) or None,
+        configs=configs(kind, arch, fp32, block_r), key=list(key), reset_to_zero=list(reset_to_zero) or None,
         restore_value=list(restore) or None, **_AUTOTUNE_KWARGS,
     )(fn)
 
@@ -226,7 +230,8 @@ def launch(
         )
         return
     full_key = (*key, "BLOCK_R") if "BLOCK_R" in constexprs else tuple(key)
-    kernel = _autotuned(fn, kind, device_arch(device), fp32, full_key, tuple(reset_to_zero), tuple(restore))
+    kernel = _autotuned(fn, kind, device_arch(device), fp32, full_key, tuple(reset_to_zero), tuple(restore),
+                        constexprs.get("BLOCK_R", 16))
     with device_guard(device):
         handles = _handles_for(kernel, full_key) if FAST_LAUNCH else None
         if handles is None:

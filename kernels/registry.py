@@ -203,7 +203,7 @@ def _entries(arch: Union[int, str], dtype: str, block_r: int) -> List[AotEntry]:
     for name, fn, extra, kind, skinny, mask_tile in rows:
         entries.append(AotEntry(
             f"{name}[r{block_r}]", fn, _signature(_runtime_args(fn), pointers), {**common, **extra, **_units(fn)},
-            gpu_configs(kind, arch, fp32), not fp32, arch, dtype,
+            gpu_configs(kind, arch, fp32, block_r), not fp32, arch, dtype,
             launch_grid=_grid_fn(name, dtype), min_waves=SKINNY_MIN_WAVES if skinny else 0.0,
             dropout_flag="HAS_DROPOUT" if mask_tile else "", mask_tile=mask_tile,
         ))

@@ -145,6 +145,9 @@ def test_judge_new_checks():
     cuda_max, hip_max = HASH_MAX_INSTR_PER_ELEMENT["cuda"], HASH_MAX_INSTR_PER_ELEMENT["hip"]
     assert judged(hash_instr_per_element=cuda_max).problems == []
     assert "dropout hash" in judged(hash_instr_per_element=cuda_max + 0.1).problems[0]
+    assert judged(hash_instr_per_element=cuda_max + 9, dtype="fp32").problems == []  # fp32: reported only
+    negative = judged(hash_instr_per_element=-3.0)
+    assert negative.problems == [] and "no hash cost" in negative.notes[0]
     waves = dict(ctas={"bert": 263, "llama": 300}, waves={"bert": 263 / 132, "llama": 300 / 132}, min_waves=2.0)
     assert judged(**waves).problems == ["bert: 263 CTAs = 1.99 waves < 2"]
     assert judged(**{**waves, "min_waves": 0.0}).problems == []
@@ -200,7 +203,7 @@ def test_registry_lists_every_kernel_with_its_launchers_family():
               "dx_lora_add": configs.EPILOGUE, "lora_grad_a": configs.SKINNY}
     for kernel, kind in family.items():
         got = [config_label(c) for c in by_name[(f"{kernel}[r64]", "bf16")].configs]
-        assert got == [config_label(c) for c in configs.gpu_configs(kind, 90)], kernel
+        assert got == [config_label(c) for c in configs.gpu_configs(kind, 90, block_r=64)], kernel
     assert {e.dtype for e in entries if e.name.startswith("lora_")} == {"bf16", "fp32"}
     skinny = {e.name.split("[")[0] for e in entries if e.min_waves}
     assert skinny == {"lora_shrink", "lora_grad_h", "lora_grad_a"}

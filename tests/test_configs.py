@@ -70,14 +70,16 @@ def test_rank_block_is_part_of_the_autotune_key(monkeypatch):
     monkeypatch.setattr(configs, "interpreting", lambda: False)
     monkeypatch.setattr(configs, "device_arch", lambda device: 90)
 
-    def autotuned(fn, kind, arch, fp32, key, reset_to_zero, restore):
+    def autotuned(fn, kind, arch, fp32, key, reset_to_zero, restore, block_r):
         seen["key"] = key
+        seen["block_r"] = block_r
         return _FakeKernel([0])
 
     monkeypatch.setattr(configs, "_autotuned", autotuned)
     configs.launch(object(), configs.SKINNY, torch.device("cpu"), lambda meta: (1,), (), key=("M_BUCKET", "K"),
                    BLOCK_R=64)
     assert seen["key"] == ("M_BUCKET", "K", "BLOCK_R")
+    assert seen["block_r"] == 64  # the config table depends on the rank block too
 
 
 def test_split_fills_the_machine_and_respects_determinism(monkeypatch):
@@ -94,11 +96,17 @@ def test_split_fills_the_machine_and_respects_determinism(monkeypatch):
         torch.use_deterministic_algorithms(False)
 
 
-def test_every_family_has_configs_for_both_arches():
+def test_every_family_has_configs_for_every_arch_dtype_and_rank_block():
     for kind in (configs.GEMM, configs.DX, configs.SKINNY, configs.EPILOGUE):
-        for arch in (80, 90):
-            assert configs.gpu_configs(kind, arch)
-        assert configs.gpu_configs(kind, 90, fp32=True)
+        for arch in (80, 90, "gfx942"):
+            for fp32 in (False, True):
+                for block_r in (16, 32, 64, 128):
+                    assert configs.gpu_configs(kind, arch, fp32, block_r), (kind, arch, fp32, block_r)
+    # A row limited to rank blocks ≤ 64 (it spilled at 128) is not offered at 128.
+    labels = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in configs.gpu_configs(configs.GEMM, 90)}
+    wide = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+            for c in configs.gpu_configs(configs.GEMM, 90, block_r=128)}
+    assert (128, 256, 8) in labels and (128, 256, 8) not in wide and wide < labels
 
 
 @pytest.mark.gpu
