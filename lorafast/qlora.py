@@ -36,6 +36,7 @@ Importing this module raises ImportError when bitsandbytes (or PEFT's bnb layers
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 
 import bitsandbytes as bnb
@@ -414,8 +415,11 @@ def choose(backend: str, call: _QCall, x2: torch.Tensor, scale: torch.Tensor,
     if backend == GEMM_4BIT:  # explicit (tests; set as the layer's backend attribute)
         strategies.resolve("cublas", x2, weight_like, call.lora_a, call.dropout_p, needs)  # device/triton checks
         return GEMM_4BIT, True
-    if backend == "auto" and x2.is_cuda and have_triton and strategies.triton_fallback(x2, call.lora_a) is None:
+    overridden = backend == "auto" and os.environ.get(getattr(strategies, "ENV_STRATEGY", "LORAFAST_STRATEGY"))
+    if backend == "auto" and not overridden and x2.is_cuda and have_triton and \
+            strategies.triton_fallback(x2, call.lora_a) is None:
         return dispatch_strategy(x2, call, scale, needs), True
+    # resolve applies LORAFAST_STRATEGY (which replaces "auto") and the device/dtype checks.
     name = strategies.resolve(backend, x2, weight_like, call.lora_a, call.dropout_p, needs)
     use_triton = have_triton and (x2.is_cuda or name in strategies.TRITON_STRATEGIES)
     return name, use_triton

@@ -560,3 +560,11 @@ def test_gradient_checkpointing_llama_matches_peft(tmp_path):
     assert grads[0].keys() == grads[1].keys()
     for name, want in grads[0].items():
         assert_close(grads[1][name], want.double(), torch.float32, what=name)
+
+
+def test_env_strategy_replaces_auto(monkeypatch):
+    _, _, _, layer = make_pair(K=40, N=24)
+    call, x2, scale = _call_for(layer, torch.randn(6, 40))
+    assert qlora.choose("auto", call, x2, scale, (False,) * 4) == ("aten", False)
+    monkeypatch.setenv("LORAFAST_STRATEGY", "cublas")  # under the interpreter on CPU: Triton dequant + cublas
+    assert qlora.choose("auto", call, x2, scale, (False,) * 4) == ("cublas", True)
