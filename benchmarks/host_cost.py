@@ -128,11 +128,11 @@ def main() -> None:
                         cpu[(name, bw)].append((time.thread_time() - c0) / args.reps * 1e6)
         for name, (layer, st) in impls.items():
             with st if st is not None else _Null():
-                before = stub.count
                 for param in [x, *layer.parameters()]:
                     param.grad = None  # as zero_grad(set_to_none=True): no grad accumulation adds counted
                 y = layer(x)  # warm (plan made); the counted step follows
                 g1 = torch.ones_like(y)
+                before = stub.count
                 with _Count() as counter:
                     layer(x).backward(g1)
                 triton = stub.count - before
