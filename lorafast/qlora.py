@@ -16,7 +16,11 @@ dequantize_4bit`, bit-exact with it. On CUDA ``backend="auto"`` picks the LoRA s
 dequant (``cublas``, ``fused``, ``aten``) with :mod:`lorafast.dispatch` under the key op "nf4"/"fp4".
 
 The quant state is read on every call, never cached: bitsandbytes' CPU path repacks a 4-bit weight on its
-first inference forward (``packing_format_for_cpu``; the absmax changes shape and dtype).
+first inference forward (``packing_format_for_cpu``; the absmax changes shape and dtype, to bf16). That
+layout is dequantized too (with the bf16 absmax the repack stored), so training after a CPU evaluation
+stays fused; seen with bitsandbytes 0.50.2: its own forward on that layout raised "a view of a leaf
+Variable that requires grad is being used in an in-place operation" for an input requiring grad (a base
+with bias).
 
 Numerics follow bitsandbytes' ``Linear4bit.forward``: x is cast to the layer's compute dtype (set from the
 first input as bitsandbytes does), the bias too, and the result is cast back to x's dtype. The LoRA branch
@@ -26,9 +30,9 @@ within the compute dtype's tolerance).
 Falls back to PEFT's forward (``super().forward``), quietly: disabled/merged adapters, ``adapter_names``,
 no active adapter, empty or meta inputs. With one warning per reason: LoRA variants (DoRA, ...), hooks,
 extra forward arguments, ``torch.autocast``, several active adapters with dropout, mismatched
-dtypes/devices, dropout p = 1, a base layer that is not exactly ``bnb.nn.Linear4bit``, the CPU inference
-packing above, and a quant state that is missing or inconsistent (unknown quant_type, wrong absmax length,
-shape mismatch) — never a crash deep in a kernel.
+dtypes/devices, dropout p = 1, a base layer that is not exactly ``bnb.nn.Linear4bit``, and a quant state
+that is missing or inconsistent (unknown quant_type, wrong absmax length, shape mismatch) — never a crash
+deep in a kernel.
 
 Importing this module raises ImportError when bitsandbytes (or PEFT's bnb layers) is missing.
 """
@@ -91,6 +95,7 @@ class QuantSnapshot(NamedTuple):
     quant_type: str
     shape: Tuple[int, int]  # (N, K)
     dtype: torch.dtype  # the dtype bitsandbytes dequantizes to (the original weight's)
+    cpu_packed: bool = False  # bitsandbytes' CPU inference layout (packing_format_for_cpu), see _cpu_packed_snapshot
 
     def tensors(self) -> Tuple[torch.Tensor, ...]:
         return tuple(t for t in (self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code,
@@ -114,12 +119,12 @@ def read_quant_state(base: nn.Module) -> Union[QuantSnapshot, _Fallback]:
         state = getattr(base, "quant_state", None)
     if not isinstance(weight, bnb.nn.Params4bit) or state is None:
         return _Fallback("4-bit weight without a quant state", type(weight).__name__)
-    if getattr(state, "packing_format_for_cpu", False):
-        return _Fallback("bitsandbytes repacked this weight for CPU inference (packing_format_for_cpu)")
     quant_type = getattr(state, "quant_type", None)
     if quant_type not in QUANT_TYPES:
         return _Fallback("unknown 4-bit quant_type", repr(quant_type))
     N, K = base.out_features, base.in_features
+    if getattr(state, "packing_format_for_cpu", False):
+        return _cpu_packed_snapshot(weight, state, quant_type, N, K)
     shape = tuple(int(s) for s in getattr(state, "shape", ()) or ())
     if shape != (N, K):
         return _Fallback("quant state shape differs from the layer", f"{shape} vs {(N, K)}")
@@ -156,6 +161,32 @@ def read_quant_state(base: nn.Module) -> Union[QuantSnapshot, _Fallback]:
                          quant_type, (N, K), state.dtype)
 
 
+def _cpu_packed_snapshot(weight: nn.Parameter, state: Any, quant_type: str, N: int, K: int
+                         ) -> Union[QuantSnapshot, _Fallback]:
+    """The state bitsandbytes leaves after its CPU inference repack (``_convert_weight_packed_for_cpu``): data
+    (N, K/2) uint8 in 32-row interleaved nibble order, absmax (K/blocksize, N) bf16, nesting undone."""
+    data, absmax, code = weight.data, getattr(state, "absmax", None), getattr(state, "code", None)
+    blocksize = int(getattr(state, "blocksize", 0) or 0)
+    if (data.dtype != torch.uint8 or tuple(data.shape) != (N, K // 2) or N % 32 or K % 2 or blocksize <= 0
+            or K % blocksize or absmax is None or tuple(absmax.shape) != (K // blocksize, N) or code is None
+            or code.numel() != 16 or not data.is_contiguous()):
+        return _Fallback("inconsistent bitsandbytes CPU-packed quant state (packing_format_for_cpu)",
+                         f"data {tuple(data.shape)}, absmax {None if absmax is None else tuple(absmax.shape)}")
+    return QuantSnapshot(data, absmax, code, None, None, None, blocksize, 256, quant_type, (N, K), torch.float32,
+                         cpu_packed=True)
+
+
+def _dequantize_cpu_packed(snap: QuantSnapshot, dtype: torch.dtype) -> torch.Tensor:
+    """W from the CPU-packed layout: the inverse of bitsandbytes' repack (its own inverse mutates the state),
+    then code · absmax in fp32 with the bf16 absmax the repack stored, rounded once to ``dtype``."""
+    N, K = snap.shape
+    nibbles = snap.packed.reshape(-1, 32)
+    index = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).reshape(N // 32, K // 2, 32, 2)
+    index = index.transpose(1, 2).reshape(N, K).long()
+    scales = snap.absmax.float().t().repeat_interleave(snap.blocksize, dim=1)
+    return (snap.code.float()[index] * scales).to(dtype)
+
+
 def dequantize(snap: QuantSnapshot, dtype: torch.dtype, use_triton: bool) -> torch.Tensor:
     """W (N, K) in ``dtype``, exactly as bitsandbytes' ``dequantize_4bit(...).to(dtype)``.
 
@@ -163,6 +194,8 @@ def dequantize(snap: QuantSnapshot, dtype: torch.dtype, use_triton: bool) -> tor
     Dequantizing straight to ``dtype`` rounds once, like dequantizing to fp32 and casting; from a 16-bit
     state dtype to another dtype bitsandbytes rounds twice, and so does this.
     """
+    if snap.cpu_packed:
+        return _dequantize_cpu_packed(snap, dtype)
     direct = snap.dtype == dtype or snap.dtype == torch.float32
     out_dtype = dtype if direct else snap.dtype
     if use_triton:
@@ -197,6 +230,8 @@ def strategy_forward(name: str, x: torch.Tensor, snap: QuantSnapshot, bias: Opti
     """(y (M, N) in x's dtype, H (M, r) fp32) of QLoRA strategy ``name``: a lorafast strategy on the weight
     dequantized to a transient buffer, or GEMM_4BIT (W dequantized inside the base GEMM's K loop, the LoRA
     terms by the ``cublas`` strategy's Triton side kernels)."""
+    if name == GEMM_4BIT and snap.cpu_packed:  # the in-loop kernel reads bitsandbytes' flat layout only
+        name = "cublas"
     if name == GEMM_4BIT:
         from lorafast.kernels.dequant import code_table, gemm_4bit
         from lorafast.kernels.lora_fwd import lora_expand_add, lora_shrink

@@ -304,23 +304,45 @@ def test_missing_quant_state_falls_back():
 
 
 def test_quant_state_read_at_call_time_after_cpu_repack():
-    """bitsandbytes' CPU inference forward repacks the weight (packing_format_for_cpu, absmax reshaped): the
-    patched layer sees the new state on its next call, falls back once with a warning, and matches PEFT."""
-    peft_model, fused_model, peft_layer, layer = make_pair(K=64, N=32)
-    x = torch.randn(3, 64)
+    """bitsandbytes' CPU inference forward repacks the weight (packing_format_for_cpu: nibbles interleaved per 32
+    rows, absmax reshaped to (K/blocksize, N) in bf16, nesting undone). The patched layer reads the new state on
+    its next call and stays fused: its W is the original one with the absmax rounded to bf16, bit for bit."""
+    peft_model, fused_model, peft_layer, layer = make_pair(K=128, N=64, bias="all")
+    before = qlora.read_quant_state(layer.base_layer)
+    absmax_bf16 = qlora._absmax_fp32(before).bfloat16().float()
+    w_expected = qlora.dequantize(before._replace(absmax=absmax_bf16, nested_absmax=None, nested_code=None,
+                                                  offset=None), torch.float32, False)
     fused_model.eval()
     lorafast.unpatch(fused_model)
     with torch.no_grad():
-        fused_model(x)  # PEFT's path: bitsandbytes may repack here (CPUs with AVX512-BF16)
+        fused_model(torch.randn(3, 128))  # PEFT's path: bitsandbytes repacks here (CPUs with AVX512-BF16)
     lorafast.patch(fused_model)
-    state = layer.base_layer.weight.quant_state
-    if not getattr(state, "packing_format_for_cpu", False):
+    fused_model.train()
+    if not getattr(layer.base_layer.weight.quant_state, "packing_format_for_cpu", False):
         pytest.skip("bitsandbytes did not repack on this CPU (no AVX512-BF16)")
-    with pytest.warns(UserWarning, match="packing_format_for_cpu"):
-        with torch.no_grad():
-            y = layer(x)
-    with torch.no_grad():
-        assert torch.equal(y, PeftLinear4bit.forward(layer, x))
+    after = qlora.read_quant_state(layer.base_layer)
+    assert isinstance(after, qlora.QuantSnapshot) and after.cpu_packed
+    assert torch.equal(qlora.dequantize(after, torch.float32, False), w_expected)
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fused, no fallback
+        y = layer(x)
+    y_ref, x64, params64 = float64_reference(layer, x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    assert_close(y, y_ref, torch.float32, what="y")
+    assert_close(x.grad, x64.grad, torch.float32, what="dx")
+    for got, p64, what in zip(lora_grads(layer), params64, ("dA", "dB", "dbias")):
+        assert_close(got, p64.grad, torch.float32, what=what)
+
+
+def test_inconsistent_cpu_packed_state_falls_back():
+    _, _, _, layer = make_pair(K=128, N=64)
+    state = layer.base_layer.weight.quant_state
+    state.packing_format_for_cpu = True  # flagged, but still the flat layout: shapes do not fit
+    found = qlora.read_quant_state(layer.base_layer)
+    assert not isinstance(found, qlora.QuantSnapshot) and "CPU-packed" in found.reason
 
 
 def test_triton_strategies_under_the_interpreter():
