@@ -9,10 +9,10 @@ injected by PEFT. The ``lorafast`` row is a second, identical layer after ``lora
 leaves it on PEFT's forward (no fused class for ``lora.bnb.Linear4bit`` in ``lorafast.qlora``), the row is
 labelled "not fused" and is PEFT's own forward. ``base`` is the ``Linear4bit`` alone (the floor).
 
-Errors are checked at p = 0 (and in eval); with dropout the two draw different masks that cannot be read
-off a quantized layer, so those rows carry time and memory only. In eval on a CPU where bitsandbytes
-repacks the weight for inference (AVX512-bf16), there is no ``lorafast`` row: lorafast.qlora leaves that
-layout to PEFT's forward.
+Whether a patched layer really ran lorafast's path is checked per mode by :func:`runs_fused` (it may fall
+back, e.g. on a quantization layout it does not cover). Errors are checked at p = 0 (and in eval); with
+dropout the two draw different masks that cannot be read off a quantized layer, so those rows carry time
+and memory only.
 """
 
 from __future__ import annotations
@@ -131,6 +131,28 @@ def _alive(layer: nn.Module) -> List[torch.Tensor]:
     return [t for t in tensors if isinstance(t, torch.Tensor)]
 
 
+def runs_fused(impl: Implementation, inputs: LoRAInputs, mode: str) -> bool:
+    """Whether one call of a patched layer ran lorafast's path: PEFT's forward calls the base ``Linear4bit``
+    module, the fused path only reads its weight. Counted by wrapping the class's ``forward`` (not a hook:
+    a hooked module is one lorafast leaves to PEFT)."""
+    import bitsandbytes as bnb
+
+    calls = [0]
+    original = bnb.nn.Linear4bit.forward
+
+    def counting(self, *args, **kwargs):
+        calls[0] += 1
+        return original(self, *args, **kwargs)
+
+    bnb.nn.Linear4bit.forward = counting
+    try:
+        call = inference_call(impl, inputs.x) if mode == "fwd" else training_call(impl, inputs.x, inputs.dy)
+        call()
+    finally:
+        bnb.nn.Linear4bit.forward = original
+    return calls[0] == 0
+
+
 def _implementation(name: str, layer: nn.Module) -> Implementation:
     def forward(x, training, _layer=layer):
         if _layer.training != training:
@@ -180,20 +202,15 @@ def run_quant(config: QuantConfig) -> Dict[str, object]:
             peft = qlora_layer(inputs, dropout_p, config.quant_type, training)
             fused = qlora_layer(inputs, dropout_p, config.quant_type, training)
             lorafast.patch(fused)
-            repacked = repacked_for_cpu(fused)
-            is_fused = type(fused) is not type(peft) and not repacked
-            if repacked and not any("repacked" in n for n in notes):
-                notes.append(
-                    "eval on CPU: bitsandbytes repacked the weight for CPU inference (packing_format_for_cpu), "
-                    "which lorafast.qlora leaves to PEFT's forward: no 'lorafast' row there (it would be PEFT's)."
-                )
+            impls = {"lorafast": _implementation("lorafast", fused), "peft": _implementation("peft", peft),
+                     "base": _base_layer(peft)}  # fmt: skip
             for layer in (peft, fused):
                 if not repacked_for_cpu(layer) and not torch.equal(weight64, dequantized_weight(layer)):
                     raise RuntimeError("--quant: two quantizations of the same weight differ; cannot compare")
-            impls = {"lorafast": _implementation("lorafast", fused), "peft": _implementation("peft", peft),
-                     "base": _base_layer(peft)}  # fmt: skip
-            if repacked:  # PEFT's forward under a lorafast name; also spares the layer's fallback warning
-                del impls["lorafast"]
+            is_fused = type(fused) is not type(peft) and runs_fused(impls["lorafast"], inputs, mode)
+            if not is_fused and not any(mode in n for n in notes):
+                why = "patch left the class alone" if type(fused) is type(peft) else "the patched layer fell back"
+                notes.append(f"{mode}: the 'lorafast' rows ran PEFT's own QLoRA forward ({why}): NOT fused.")
             if mode == "fwd":
                 calls = {n: inference_call(impl, inputs.x) for n, impl in impls.items()}
             else:
