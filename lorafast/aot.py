@@ -81,10 +81,10 @@ GRID_SMS: Dict[str, int] = {"cuda": 132, "hip": 304}
 # Ceiling on the dropout hash's instructions per mask element (definition in the module docstring), judged
 # on the 16-bit (tensor-core) rows, the path whose speed the hash is for. The per-element work is ~11 (one
 # xor, one mix32, a compare and the select); the static count adds the per-tile row/column keys. Measured
-# with triton 3.9 over the bf16 rows without spills: median 19.8 / 22.8 / 21.7 and max 26.0 / 25.1 / 50.3 on
-# sm_80 / sm_90 / gfx942 (64-lane waves hold half the elements per lane, so the per-row keys weigh more;
-# the dA pass rehashes its rows every step). fp32 rows (small tiles: few elements per thread to spread the
-# key hashes over) are reported only: up to 34-36 on CUDA, 93 on gfx942. A Philox mask (tl.rand) measured
+# with triton 3.9 over every shipped bf16 row (424-config run): 17.0-26.0 on sm_80, 18.6-25.7 on sm_90,
+# 0.9-50.3 on gfx942 (64-lane waves hold half the elements per lane, so the per-row keys weigh more; the
+# dA pass rehashes its rows every step). fp32 rows (small tiles: few elements per thread to spread the key
+# hashes over) are reported only: up to 38.5 on CUDA, 93 on gfx942. A Philox mask (tl.rand) measured
 # 62.7 / 74.6 on the same toy kernel (sm_90 / gfx942): `defect_philox_dropout` is the check's control.
 # A twin compile can come out larger than the masked one (different pipelining or unrolling): a negative
 # difference is reported as a note, not a cost.
