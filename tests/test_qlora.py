@@ -410,6 +410,9 @@ def test_qlora_llama_trains_saves_and_loads_in_vanilla_peft(tmp_path):
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
     model.eval()
+    for module in model.modules():
+        if type(module) is bnb.nn.Linear4bit:
+            module.train()  # as for `vanilla` below: no CPU inference repack (no_grad calls run PEFT's forward)
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     model.save_pretrained(tmp_path / "adapter")
