@@ -16,6 +16,7 @@ from lorafast import functional, reference, strategies
 from lorafast.kernels import dtypes
 
 TRITON_STRATEGIES = ["fused", "cublas"]
+STRATEGIES = [*TRITON_STRATEGIES, "aten"]  # aten follows the same switch (its products in torch ops)
 HALF = [torch.bfloat16, torch.float16]
 P = 0.25
 # "compute" rounds A, B, H or dH to x's dtype: measured here (interpreter, these shapes) 1.6–2.6e-3 from
@@ -55,13 +56,17 @@ def grads_of(inp):
     return {"dx": inp.x.grad, "dbias": inp.bias.grad, "dA": inp.lora_a.grad, "dB": inp.lora_b.grad}
 
 
-def keep_mask_of(inp, dropout_p):
-    """The mask the Triton strategies drew after torch.manual_seed(1234) (None at p = 0)."""
+def keep_mask_of(inp, dropout_p, strategy):
+    """The mask ``strategy`` drew after torch.manual_seed(1234) (None at p = 0): the hash for the Triton
+    strategies (and aten on CUDA), aten's generator mask on CPU."""
     if dropout_p == 0:
         return None
     torch.manual_seed(1234)
     seed = functional._dropout_seed(inp.x.device)
-    return lorafast.dropout.keep_mask(seed, inp.x.shape[0], inp.x.shape[1], dropout_p)
+    M, K = inp.x.shape
+    if strategy == "aten":
+        return strategies.aten.dropout_keep_mask(seed, M, K, dropout_p, torch.float32).bool()
+    return lorafast.dropout.keep_mask(seed, M, K, dropout_p)
 
 
 def run_reference(inp, g, mask, dropout_p, to64):
@@ -84,13 +89,13 @@ def _clone_leaves(inp):
     return type(inp)(cp(inp.x), inp.weight, cp(inp.bias), cp(inp.lora_a), cp(inp.lora_b), inp.scaling)
 
 
-@pytest.mark.parametrize("strategy", TRITON_STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("dropout_p", [0.0, P], ids=["p0", "dropout"])
 def test_fp32_precision_is_closer_to_peft(strategy, dtype, dropout_p):
     inp = make_inputs(67, 70, 45, 8, dtype, adapter_dtype=torch.float32, device=DEVICE)
     g = torch.randn(67, 45, device=DEVICE).to(dtype)
-    mask = keep_mask_of(inp, dropout_p)
+    mask = keep_mask_of(inp, dropout_p, strategy)
     exact = run_reference(inp, g, mask, dropout_p, to64=True)
     peft = run_reference(inp, g, mask, dropout_p, to64=False)
     runs = {prec: run_lorafast(inp, strategy, prec, g, dropout_p) for prec in dtypes.ADAPTER_PRECISIONS}
@@ -115,7 +120,7 @@ def test_fp32_precision_is_closer_to_peft(strategy, dtype, dropout_p):
         )
 
 
-@pytest.mark.parametrize("strategy", TRITON_STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_precision_changes_nothing_without_fp32_adapters(strategy):
     """bf16 adapters on bf16 x, and fp32 x with fp32 adapters: the switch leaves results bit-identical."""
     for dtype, adapter_dtype in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lorafast.dropout import keep_mask
+from lorafast.kernels.dtypes import HALF_DTYPES, adapter_precision
 
 _ACCUM_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32}
 
@@ -108,18 +109,33 @@ def forward(
     the Triton kernels' dot dtype too). Returns y (M, N) in x's dtype and H (M, r) fp32.
     """
     dtype = x.dtype
+    ldt = lora_dtype(dtype, lora_a.dtype)
     # F.linear: addmm(bias, x, Wᵀ) without a Python-level .t() call (~2 µs at tiny sizes).
     y = F.linear(x, weight, None if bias is None else as_dtype(bias, dtype))
-    lora_in = x
+    lora_in = as_dtype(x, ldt)  # an fp32 copy only for PEFT's precision (PEFT's own forward makes it too)
     if dropout_p > 0.0:
-        lora_in = x * dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, dtype)
-    h = rank_r_product(lora_in, as_dtype(lora_a, dtype).t())
+        lora_in = lora_in * dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, ldt)
+    h = rank_r_product(lora_in, as_dtype(lora_a, ldt).t())
+    b_t = as_dtype(lora_b, ldt).t()
     if isinstance(scaling, torch.Tensor):
         h_scaled = h * scaling if dropout_p == 0.0 else h * (scaling / (1.0 - dropout_p))
-        y.addmm_(h_scaled, as_dtype(lora_b, dtype).t())
-    else:  # a python float folds into addmm's alpha: one op fewer
-        y.addmm_(h, as_dtype(lora_b, dtype).t(), alpha=scaling / (1.0 - dropout_p))
+        if ldt == dtype:
+            y.addmm_(h_scaled, b_t)
+        else:  # fp32 LoRA term added to the 16-bit base output with one rounding, as PEFT's result + lora_out
+            y.add_(h_scaled @ b_t)
+    elif ldt == dtype:  # a python float folds into addmm's alpha: one op fewer
+        y.addmm_(h, b_t, alpha=scaling / (1.0 - dropout_p))
+    else:
+        y.add_(scaled_mm(h, b_t, scaling / (1.0 - dropout_p)))
     return y, as_dtype(h, accum_dtype(dtype))
+
+
+def lora_dtype(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the rank-r products: x's, or fp32 for fp32 adapters on 16-bit x when the adapter precision
+    is "fp32" (PEFT's; :func:`lorafast.kernels.dtypes.set_adapter_precision`), as in the Triton strategies."""
+    if adapter_dtype == torch.float32 and x_dtype in HALF_DTYPES and adapter_precision() == "fp32":
+        return torch.float32
+    return x_dtype
 
 
 def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -147,32 +163,38 @@ def backward(
     (cast to each parameter's dtype by the caller); None where not needed."""
     dtype = grad_y.dtype
     acc = accum_dtype(dtype)
+    ldt = lora_dtype(dtype, lora_a.dtype)
     inv_keep = 1.0 / (1.0 - dropout_p)
-    lora_a, lora_b = as_dtype(lora_a, dtype), as_dtype(lora_b, dtype)
+    lora_a, lora_b = as_dtype(lora_a, ldt), as_dtype(lora_b, ldt)
+    grad_l = as_dtype(grad_y, ldt)  # dY in the LoRA dtype (an fp32 copy only for PEFT's precision)
     tensor_scale = isinstance(scaling, torch.Tensor)
     s = 1.0 if tensor_scale else float(scaling)  # a float folds into each product's alpha
     dh = None  # dY·B, times s when s is a tensor
     if need_dx or need_da:
-        dh = rank_r_product(grad_y, lora_b)
+        dh = rank_r_product(grad_l, lora_b)
         if tensor_scale:
-            dh.mul_(as_dtype(scaling, dtype))
+            dh.mul_(as_dtype(scaling, ldt))
     keep = None
     if dropout_p > 0.0 and (need_dx or need_da):
-        keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, dtype)
+        keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, ldt)
     dx = None
     if need_dx:
         dx = grad_y @ weight
-        if keep is None:
+        if keep is None and ldt == dtype:
             dx.addmm_(dh, lora_a, alpha=s)
-        else:
+        elif ldt == dtype:
             dx.addcmul_(dh @ lora_a, keep, value=s * inv_keep)
+        else:  # the fp32 LoRA term joins the 16-bit base gradient with one rounding
+            lora_dx = scaled_mm(dh, lora_a, s * inv_keep)
+            dx.add_(lora_dx if keep is None else lora_dx.mul_(keep))
     da = None
     if need_da:
-        lora_in = x if keep is None else x * keep
+        x_l = as_dtype(x, ldt)
+        lora_in = x_l if keep is None else x_l * keep
         da = as_dtype(scaled_mm(dh.t(), lora_in, s * inv_keep), acc)
     db_lora = None
     if need_db_lora:
-        db_lora = as_dtype(rank_r_product(grad_y.t(), as_dtype(h, dtype), s * inv_keep), acc)
+        db_lora = as_dtype(rank_r_product(grad_l.t(), as_dtype(h, ldt), s * inv_keep), acc)
         if tensor_scale:  # 1/(1−p) is already in the product's alpha
             db_lora = db_lora.mul_(scaling)
     dbias = grad_y.sum(0, dtype=acc) if need_dbias else None
