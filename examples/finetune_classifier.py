@@ -80,8 +80,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--impl", choices=("peft", "lorafast", "both"), default="both")
-    parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
-                        help="lorafast backend (auto: triton on CUDA, torch on CPU)")
+    parser.add_argument("--backend", choices=("auto", "fused", "cublas", "aten", "triton", "torch"), default="auto",
+                        help="lorafast strategy (auto: the fastest measured on this GPU; aten on CPU)")
     parser.add_argument("--quant", choices=("none", "nf4", "fp4"), default="none",
                         help="load the base model in 4-bit with bitsandbytes (QLoRA)")
     parser.add_argument("--compute-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
