@@ -187,14 +187,10 @@ class FusedLoraLinear(PeftLoraLinear):
         if self.merged:
             return fallback("adapters merged")
         modules = self._modules
-        lora_A, lora_B, lora_dropout = modules["lora_A"], modules["lora_B"], modules["lora_dropout"]
-        active = [name for name in self.active_adapters if name in lora_A]
-        if not active:
-            return fallback("no active adapter on this layer")
-        for name in active:
-            if name in self.lora_variant:
-                variant = type(self.lora_variant[name]).__name__
-                return fallback("LoRA variant (DoRA, aLoRA, ...)", f"{variant} on adapter {name!r}")
+        parts = adapter_parts(self)
+        if isinstance(parts, _Fallback):
+            return _Plan(key, parts)
+        active, lora_a, lora_b, lora_biases, scalings, dropout_ps = parts
         base = modules["base_layer"]
         if type(base) is not nn.Linear:
             return fallback("base layer is not a plain nn.Linear", type(base).__name__)
@@ -202,23 +198,6 @@ class FusedLoraLinear(PeftLoraLinear):
             return fallback("fan_in_fan_out")
         if _has_global_hooks() or _has_hooks(base):
             return fallback("module hooks or a replaced forward")
-        lora_a, lora_b, lora_biases, scalings, dropout_ps = [], [], [], [], []
-        for name in active:
-            a_module, b_module, dropout = lora_A[name], lora_B[name], lora_dropout[name]
-            if type(a_module) is not nn.Linear or type(b_module) is not nn.Linear:
-                return fallback("lora_A/lora_B is not a plain nn.Linear")
-            if type(dropout) is nn.Dropout:
-                dropout_ps.append(dropout.p if dropout.training else 0.0)
-            elif type(dropout) is nn.Identity:
-                dropout_ps.append(0.0)
-            else:
-                return fallback("dropout module is not nn.Dropout/nn.Identity", type(dropout).__name__)
-            if _has_hooks(a_module) or _has_hooks(b_module) or _has_hooks(dropout):
-                return fallback("module hooks or a replaced forward")
-            lora_a.append(a_module.weight)
-            lora_b.append(b_module.weight)
-            lora_biases.append(b_module.bias)
-            scalings.append(self.scaling[name])
 
         device_type = x.device.type
         if device_type == "meta":  # shape-only runs; torch has no autocast state for meta
@@ -246,12 +225,6 @@ class FusedLoraLinear(PeftLoraLinear):
             adapter_dtype = compute_dtype
         if not autocast and lora_dtype != x.dtype and not self.cast_input_dtype_enabled:
             return fallback("input dtype casting disabled and adapter dtype differs")
-        if any(p >= 1.0 for p in dropout_ps):
-            return fallback("dropout p = 1 (the LoRA branch is all zeros)")
-        if len(active) > 1 and any(p > 0.0 for p in dropout_ps):
-            return fallback("several active adapters with dropout in training")
-        if any(isinstance(s, torch.Tensor) and s.dim() != 0 for s in scalings):
-            return fallback("scaling is a tensor that is not 0-dim")
         # The op's own argument rules, once per state (per call only x's last dim can still change).
         check_lora_linear_args(
             x.to(compute_dtype) if autocast else x,
@@ -333,6 +306,57 @@ def _fused_forward(
     else:
         scale = op_scale(scaling, scale, strategy)
     return functional.run(x2, x.shape[:-1], weight, bias, lora_a, lora_b, scale, dropout_p, strategy)
+
+
+class AdapterParts(NamedTuple):
+    """The active adapters of a LoRA layer as the fused op takes them (lists in adapter order)."""
+
+    names: list
+    lora_a: list  # lora_A[name].weight, (r_i, K)
+    lora_b: list  # lora_B[name].weight, (N, r_i)
+    lora_biases: list  # lora_B[name].bias or None (PEFT's lora_bias)
+    scalings: list  # float or 0-dim tensor
+    dropout_ps: list  # p in effect (0 when the dropout module is in eval or an Identity)
+
+
+def adapter_parts(layer: LoraLayer) -> Union[_Fallback, AdapterParts]:
+    """The active adapters of ``layer`` (a PEFT LoRA layer: lora.Linear or a quantized one), or why the fused op
+    cannot run them: none active, a LoRA variant, a non-plain lora_A/lora_B/dropout module, hooks on them,
+    dropout p = 1, several adapters with dropout (PEFT draws a mask per adapter), a scaling tensor that is not
+    0-dim. The one walk over the adapters, shared by the plain and the 4-bit fused layers."""
+    modules = layer._modules
+    lora_A, lora_B, lora_dropout = modules["lora_A"], modules["lora_B"], modules["lora_dropout"]
+    active = [name for name in layer.active_adapters if name in lora_A]
+    if not active:
+        return _Fallback("no active adapter on this layer")
+    for name in active:
+        if name in layer.lora_variant:
+            variant = type(layer.lora_variant[name]).__name__
+            return _Fallback("LoRA variant (DoRA, aLoRA, ...)", f"{variant} on adapter {name!r}")
+    parts = AdapterParts(active, [], [], [], [], [])
+    for name in active:
+        a_module, b_module, dropout = lora_A[name], lora_B[name], lora_dropout[name]
+        if type(a_module) is not nn.Linear or type(b_module) is not nn.Linear:
+            return _Fallback("lora_A/lora_B is not a plain nn.Linear")
+        if type(dropout) is nn.Dropout:
+            parts.dropout_ps.append(dropout.p if dropout.training else 0.0)
+        elif type(dropout) is nn.Identity:
+            parts.dropout_ps.append(0.0)
+        else:
+            return _Fallback("dropout module is not nn.Dropout/nn.Identity", type(dropout).__name__)
+        if _has_hooks(a_module) or _has_hooks(b_module) or _has_hooks(dropout):
+            return _Fallback("module hooks or a replaced forward")
+        parts.lora_a.append(a_module.weight)
+        parts.lora_b.append(b_module.weight)
+        parts.lora_biases.append(b_module.bias)
+        parts.scalings.append(layer.scaling[name])
+    if any(p >= 1.0 for p in parts.dropout_ps):
+        return _Fallback("dropout p = 1 (the LoRA branch is all zeros)")
+    if len(active) > 1 and any(p > 0.0 for p in parts.dropout_ps):
+        return _Fallback("several active adapters with dropout in training")
+    if any(isinstance(s, torch.Tensor) and s.dim() != 0 for s in parts.scalings):
+        return _Fallback("scaling is a tensor that is not 0-dim")
+    return parts
 
 
 def _fold_lora_bias(

@@ -59,6 +59,7 @@ from lorafast.peft import (
     _has_global_hooks,
     _has_hooks,
     _report_fallback,
+    adapter_parts,
 )
 
 logger = logging.getLogger(__name__)
@@ -340,40 +341,18 @@ class FusedLoraLinear4bit(PeftLinear4bit):
             return _Fallback("adapter_names mixed batch")
         if self.merged:
             return _Fallback("adapters merged")
-        modules = self._modules
-        lora_A, lora_B, lora_dropout = modules["lora_A"], modules["lora_B"], modules["lora_dropout"]
-        active = [name for name in self.active_adapters if name in lora_A]
-        if not active:
-            return _Fallback("no active adapter on this layer")
-        for name in active:
-            if name in self.lora_variant:
-                variant = type(self.lora_variant[name]).__name__
-                return _Fallback("LoRA variant (DoRA, aLoRA, ...)", f"{variant} on adapter {name!r}")
+        parts = adapter_parts(self)
+        if isinstance(parts, _Fallback):
+            return parts
+        active, lora_a, lora_b, lora_biases, scalings, dropout_ps = parts
         if args or (kwargs and not _IGNORED_KWARGS.issuperset(kwargs)):
             extra = f"{len(args)} positional, keywords {sorted(set(kwargs) - _IGNORED_KWARGS)}"
             return _Fallback("extra forward arguments", extra)
-        base = modules["base_layer"]
+        base = self._modules["base_layer"]
         if type(base) is not bnb.nn.Linear4bit:
             return _Fallback("base layer is not exactly bnb.nn.Linear4bit", type(base).__name__)
         if _has_global_hooks() or _has_hooks(base):
             return _Fallback("module hooks or a replaced forward")
-        lora_a, lora_b, lora_biases, scalings, dropout_ps = [], [], [], [], []
-        for name in active:
-            a_module, b_module, dropout = lora_A[name], lora_B[name], lora_dropout[name]
-            if type(a_module) is not nn.Linear or type(b_module) is not nn.Linear:
-                return _Fallback("lora_A/lora_B is not a plain nn.Linear")
-            if type(dropout) is nn.Dropout:
-                dropout_ps.append(dropout.p if dropout.training else 0.0)
-            elif type(dropout) is nn.Identity:
-                dropout_ps.append(0.0)
-            else:
-                return _Fallback("dropout module is not nn.Dropout/nn.Identity", type(dropout).__name__)
-            if _has_hooks(a_module) or _has_hooks(b_module) or _has_hooks(dropout):
-                return _Fallback("module hooks or a replaced forward")
-            lora_a.append(a_module.weight)
-            lora_b.append(b_module.weight)
-            lora_biases.append(b_module.bias)
-            scalings.append(self.scaling[name])
 
         device_type = x.device.type
         if device_type == "meta":
@@ -403,13 +382,6 @@ class FusedLoraLinear4bit(PeftLinear4bit):
             return _Fallback("adapters differ in dtype")
         if lora_dtype not in (compute_dtype, torch.float32):
             return _Fallback("adapter dtype is neither the compute dtype nor float32", f"{lora_dtype}")
-        if any(p >= 1.0 for p in dropout_ps):
-            return _Fallback("dropout p = 1 (the LoRA branch is all zeros)")
-        if len(active) > 1 and any(p > 0.0 for p in dropout_ps):
-            return _Fallback("several active adapters with dropout in training")
-        if any(isinstance(s, torch.Tensor) and s.dim() != 0 for s in scalings):
-            return _Fallback("scaling is a tensor that is not 0-dim")
-
         bias = base.bias
         if bias is not None and bias.dtype != compute_dtype:
             # bitsandbytes' forward converts the stored bias to the compute dtype (in place, once): do the same
