@@ -51,23 +51,7 @@ def _layer(model):
     return model.base_model.model.lin
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    calls = []
-    real = lfpeft._fused_forward
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("backend"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lfpeft, "_fused_forward", counting)
-    return calls
-
-
-@pytest.fixture(autouse=True)
-def quiet_fallback_log(monkeypatch):
-    monkeypatch.setattr(lfpeft, "_warned_reasons", set())
-    monkeypatch.setattr(lfpeft, "_logged_layer_reasons", set())
+pytestmark = pytest.mark.usefixtures("fresh_fallback_log")
 
 
 def _step(model, x, grad):
@@ -109,7 +93,7 @@ def _add_second_adapter(model):
             module.weight.copy_(torch.randn(module.weight.shape, generator=gen))
 
 
-def test_planned_once_then_reused(monkeypatch, fused_calls):
+def test_planned_once_then_reused(monkeypatch, op_calls):
     """A state change rebuilds the plan; steady calls neither re-plan nor re-validate the op's arguments."""
     _, patched = _pair()
     x = torch.randn(4, IN)
@@ -120,13 +104,13 @@ def test_planned_once_then_reused(monkeypatch, fused_calls):
     monkeypatch.setattr(lfpeft, "check_lora_linear_args", lambda *a: checks.append(1) or real_check(*a))
     for _ in range(3):
         patched(x).sum().backward()
-    assert plans == [] and checks == [] and len(fused_calls) == 4
+    assert plans == [] and checks == [] and len(op_calls) == 4
     _layer(patched).lora_dropout["default"].p = 0.0  # a state change, even one with no effect here
     patched(x)
     assert len(plans) == 1
 
 
-def test_set_adapter(fused_calls):
+def test_set_adapter(op_calls):
     vanilla, patched = _pair()
     _both(vanilla, patched, _add_second_adapter)
     _assert_matches(vanilla, patched, what="after add_adapter (inactive)")
@@ -134,10 +118,10 @@ def test_set_adapter(fused_calls):
     _assert_matches(vanilla, patched, what="set_adapter('other')")
     _both(vanilla, patched, lambda m: m.base_model.set_adapter(["default", "other"]))
     _assert_matches(vanilla, patched, what="two active adapters")
-    assert len(fused_calls) == 3
+    assert len(op_calls) == 3
 
 
-def test_delete_adapter(fused_calls):
+def test_delete_adapter(op_calls):
     vanilla, patched = _pair()
     _both(vanilla, patched, _add_second_adapter)
     _both(vanilla, patched, lambda m: m.set_adapter("other"))
@@ -145,23 +129,23 @@ def test_delete_adapter(fused_calls):
     _both(vanilla, patched, lambda m: m.delete_adapter("other"))
     _both(vanilla, patched, lambda m: m.set_adapter("default"))
     _assert_matches(vanilla, patched, what="after delete_adapter")
-    assert len(fused_calls) == 2
+    assert len(op_calls) == 2
 
 
-def test_merge_unmerge(fused_calls):
+def test_merge_unmerge(op_calls):
     vanilla, patched = _pair()
     _assert_matches(vanilla, patched, what="before merge")
     _both(vanilla, patched, lambda m: m.merge_adapter())
     x = torch.randn(2, IN)
     with torch.no_grad():
         assert rel_err(patched(x), vanilla(x)) <= 1e-6, "merged"
-    assert len(fused_calls) == 1, "a merged layer runs PEFT's forward"
+    assert len(op_calls) == 1, "a merged layer runs PEFT's forward"
     _both(vanilla, patched, lambda m: m.unmerge_adapter())
     _assert_matches(vanilla, patched, rtol=1e-5, what="after unmerge")  # merge rounding in the base weight
-    assert len(fused_calls) == 2
+    assert len(op_calls) == 2
 
 
-def test_disable_enable_adapters(fused_calls):
+def test_disable_enable_adapters(op_calls):
     vanilla, patched = _pair()
     _assert_matches(vanilla, patched, what="enabled")
     x = torch.randn(2, IN)
@@ -170,12 +154,12 @@ def test_disable_enable_adapters(fused_calls):
         with vanilla.disable_adapter(), patched.disable_adapter():
             disabled = patched(x)
             assert torch.equal(disabled, vanilla(x)) and rel_err(disabled, enabled) > 1e-3
-    assert len(fused_calls) == 1
+    assert len(op_calls) == 1
     _assert_matches(vanilla, patched, what="enabled again")
-    assert len(fused_calls) == 2
+    assert len(op_calls) == 2
 
 
-def test_dropout_p_and_train_eval(fused_calls):
+def test_dropout_p_and_train_eval(op_calls):
     """p and train/eval change what the op computes: eval equals PEFT, training with p > 0 drops, p → 0 in
     training equals PEFT again."""
     vanilla, patched = _pair(dropout=0.4)
@@ -191,27 +175,27 @@ def test_dropout_p_and_train_eval(fused_calls):
     _both(vanilla, patched, lambda m: m.eval())
     _both(vanilla, patched, lambda m: setattr(_layer(m).lora_dropout["default"], "p", 0.4))
     _assert_matches(vanilla, patched, what="eval, p = 0.4")
-    assert len(fused_calls) == 4
+    assert len(op_calls) == 4
 
 
-def test_dtype_change_with_to(fused_calls):
+def test_dtype_change_with_to(op_calls):
     vanilla, patched = _pair()
     _assert_matches(vanilla, patched, what="fp32")
     _both(vanilla, patched, lambda m: m.to(torch.float64))
     _assert_matches(vanilla, patched, rtol=1e-12, what="fp64 after .to")
-    assert len(fused_calls) == 2
+    assert len(op_calls) == 2
 
 
-def test_requires_grad_flip(fused_calls):
+def test_requires_grad_flip(op_calls):
     vanilla, patched = _pair()
     _both(vanilla, patched, lambda m: _layer(m).lora_A["default"].weight.requires_grad_(False))
     _assert_matches(vanilla, patched, what="lora_A frozen")
     _both(vanilla, patched, lambda m: _layer(m).base_layer.bias.requires_grad_(True))
     _assert_matches(vanilla, patched, what="base bias trainable")
-    assert len(fused_calls) == 2
+    assert len(op_calls) == 2
 
 
-def test_parameter_replacement_and_inplace_hotswap(fused_calls):
+def test_parameter_replacement_and_inplace_hotswap(op_calls):
     vanilla, patched = _pair()
     _assert_matches(vanilla, patched, what="before")
     new_a = torch.randn(R, IN)
@@ -223,10 +207,10 @@ def test_parameter_replacement_and_inplace_hotswap(fused_calls):
     new_w = torch.randn(OUT, IN)
     _both(vanilla, patched, lambda m: setattr(_layer(m).base_layer, "weight", nn.Parameter(new_w, False)))
     _assert_matches(vanilla, patched, what="base weight replaced")
-    assert len(fused_calls) == 4
+    assert len(op_calls) == 4
 
 
-def test_scale_changes(fused_calls):
+def test_scale_changes(op_calls):
     vanilla, patched = _pair()
     _both(vanilla, patched, lambda m: _layer(m).set_scale("default", 3.0))
     _assert_matches(vanilla, patched, what="set_scale")
@@ -237,10 +221,10 @@ def test_scale_changes(fused_calls):
     _assert_matches(vanilla, patched, what="tensor scale")
     _both(vanilla, patched, lambda m: _layer(m).scaling["default"].fill_(-0.75))
     _assert_matches(vanilla, patched, what="tensor scale changed in place")
-    assert len(fused_calls) == 4
+    assert len(op_calls) == 4
 
 
-def test_hook_added_later(fused_calls):
+def test_hook_added_later(op_calls):
     vanilla, patched = _pair()
     _assert_matches(vanilla, patched, what="no hooks")
 
@@ -250,14 +234,14 @@ def test_hook_added_later(fused_calls):
     handles = [_layer(m).lora_A["default"].register_forward_hook(double) for m in (vanilla, patched)]
     with pytest.warns(UserWarning, match="module hooks"):
         _assert_matches(vanilla, patched, what="hook on lora_A")
-    assert len(fused_calls) == 1, "a hooked module runs PEFT's forward, hooks included"
+    assert len(op_calls) == 1, "a hooked module runs PEFT's forward, hooks included"
     for handle in handles:
         handle.remove()
     _assert_matches(vanilla, patched, what="hook removed")
-    assert len(fused_calls) == 2
+    assert len(op_calls) == 2
 
 
-def test_autocast_on_off(fused_calls):
+def test_autocast_on_off(op_calls):
     vanilla, patched = _pair()
     _assert_matches(vanilla, patched, what="autocast off")
     x = torch.randn(3, 5, IN)
@@ -266,7 +250,7 @@ def test_autocast_on_off(fused_calls):
     assert y_p.dtype == y_v.dtype == torch.bfloat16
     assert rel_err(y_p, y_v) <= 2e-2
     _assert_matches(vanilla, patched, what="autocast off again")
-    assert len(fused_calls) == 3
+    assert len(op_calls) == 3
 
 
 def test_wrong_input_width_is_one_clear_error():

@@ -35,7 +35,6 @@ from utils import assert_close as assert_close_to_fp64
 from utils import describe_mismatch
 
 import lorafast
-import lorafast.peft as lfpeft
 from lorafast.peft import FusedLoraLinear
 
 VOCAB = 61
@@ -163,24 +162,7 @@ def lora_linear_count(model: nn.Module) -> int:
     return sum(isinstance(m, PeftLoraLinear) for m in model.modules())
 
 
-@pytest.fixture
-def op_calls(monkeypatch):
-    """Counts calls of the fused op made by lorafast.peft (to tell fused from fallback)."""
-    calls = []
-    real = lfpeft._fused_forward
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("backend"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lfpeft, "_fused_forward", counting)
-    return calls
-
-
-@pytest.fixture(autouse=True)
-def fresh_fallback_log(monkeypatch):
-    monkeypatch.setattr(lfpeft, "_warned_reasons", set())
-    monkeypatch.setattr(lfpeft, "_logged_layer_reasons", set())
+pytestmark = pytest.mark.usefixtures("fresh_fallback_log")
 
 
 def patched_copy(vanilla: nn.Module, backend: str = "torch") -> nn.Module:
