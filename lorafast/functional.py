@@ -170,4 +170,10 @@ def lora_linear(
         return reference.lora_linear(x, weight, bias, lora_a, lora_b, scaling)
     scale = scale_tensor(scaling, x)
     strategy = choose_strategy(backend, x2, weight, bias, lora_a, lora_b, scale, p)
-    return run(x2, lead, weight, bias, lora_a, lora_b, op_scale(scaling, scale, strategy), p, strategy)
+    args = (x2, lead, weight, bias, lora_a, lora_b, op_scale(scaling, scale, strategy), p, strategy)
+    if torch.is_autocast_enabled(x.device.type):
+        # The casts are done (autocast_inputs); inside, the strategy picks each product's dtype itself (e.g. fp32
+        # rank-r products for PEFT's adapter precision), which autocast would otherwise recast to 16 bits.
+        with torch.autocast(x.device.type, enabled=False):
+            return run(*args)
+    return run(*args)

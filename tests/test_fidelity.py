@@ -221,3 +221,31 @@ def test_every_launcher_follows_the_switch(monkeypatch, allow_tf32):
         assert "LORA_FP32" in kw["key"], name
         assert kw["fp32"] is (name in SKINNY_LAUNCHERS and not allow_tf32), name
         assert narrow[name]["fp32"] is False, name
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fp32_precision_holds_under_autocast(strategy):
+    """Under torch.autocast the op casts x/W/b like nn.Linear, then runs with autocast off inside, so "fp32"
+    precision's rank-r products stay fp32 in every strategy (autocast would recast aten's forward matmuls: H,
+    and through it dB, would come out of a bf16 product)."""
+    device_type = torch.device(DEVICE).type
+    x = torch.randn(33, 40, device=DEVICE)
+    w = torch.randn(24, 40, device=DEVICE) / 7
+    a = (torch.randn(4, 40, device=DEVICE) / 7).requires_grad_()
+    b = torch.randn(24, 4, device=DEVICE).requires_grad_()
+    # Exact for the bf16-cast x the op sees, with dY = 1: H = x·Aᵀ, dB = s·dYᵀ·H, dA = s·(dY·B)ᵀ·x.
+    x16 = x.to(torch.bfloat16).double()
+    ones = torch.ones(33, 24, dtype=torch.float64, device=DEVICE)
+    want = {"dA": 0.5 * (ones @ b.detach().double()).t() @ x16, "dB": 0.5 * ones.t() @ (x16 @ a.detach().double().t())}
+    errs = {}
+    for prec in dtypes.ADAPTER_PRECISIONS:
+        dtypes.set_adapter_precision(prec)
+        a.grad = b.grad = None
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            y = lorafast.lora_linear(x, w, None, a, b, 0.5, backend=strategy)
+        assert y.dtype == torch.bfloat16
+        y.float().sum().backward()
+        errs[prec] = {"dA": rel_err(a.grad, want["dA"]), "dB": rel_err(b.grad, want["dB"])}
+    for name in ("dA", "dB"):
+        fp32, compute = errs["fp32"][name], errs["compute"][name]
+        assert fp32 <= FP32_FROM_PEFT and fp32 * CLOSER_BY <= compute, (name, errs)
