@@ -30,6 +30,34 @@ from lorafast.kernels.lora_fwd import grouped_tile
 
 
 @triton.jit
+def dx_lora_tile(
+    ref_ptr, dh_ptr, a_ptr, seed_ptr, offs_m, offs_c, mask_m, mask_c, R, stride_ar, stride_ak,
+    mask_threshold, inv_keep,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, LORA_FP32: tl.constexpr,
+    LORA_PRECISION: tl.constexpr,
+):
+    """``keep ⊙ (dH·A)·inv_keep`` (fp32) on one (BLOCK_M, BLOCK_N) tile of dX, the mask regenerated from the
+    seed: the LoRA term of the fused dX GEMM and of the in-place `cublas` update, in one place. The dot runs in
+    ``ref_ptr``'s element type (dY or dX), or on fp32 operands with LORA_FP32."""
+    offs_r = tl.arange(0, BLOCK_R)
+    lora_dtype = tl.float32 if LORA_FP32 else ref_ptr.dtype.element_ty
+    lora_precision: tl.constexpr = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
+    dh = tl.load(
+        dh_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0
+    )
+    a = tl.load(
+        a_ptr + offs_r[:, None] * stride_ar + offs_c[None, :] * stride_ak,
+        mask=(offs_r[:, None] < R) & mask_c[None, :], other=0.0,
+    )
+    lora = tl.dot(dh.to(lora_dtype), a.to(lora_dtype), input_precision=lora_precision)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+        keep = dropout_keep(dropout_row_keys(seed, offs_m), dropout_col_keys(seed, offs_c), mask_threshold)
+        lora = tl.where(keep, lora * inv_keep, 0.0)
+    return lora
+
+
+@triton.jit
 def lora_grad_h_kernel(
     dy_ptr, b_ptr, h_ptr, scale_ptr, dh_ptr, db_lora_ptr, dbias_ptr,
     M, N, R, M_BUCKET,
@@ -101,7 +129,6 @@ def dx_with_lora_epilogue_kernel(
     tile_m, tile_c = grouped_tile(tl.program_id(0).to(tl.int64), M, K, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tile_c * BLOCK_N + tl.arange(0, BLOCK_N)  # dX columns (the layer's K)
-    offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     mask_c = offs_c < K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -117,21 +144,8 @@ def dx_with_lora_epilogue_kernel(
             mask=mask_j[:, None] & mask_c[None, :], other=0.0,
         )
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
-    lora_dtype = tl.float32 if LORA_FP32 else dy_ptr.dtype.element_ty
-    lora_precision: tl.constexpr = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
-    dh = tl.load(
-        dh_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0
-    )
-    a = tl.load(
-        a_ptr + offs_r[:, None] * stride_ar + offs_c[None, :] * stride_ak,
-        mask=(offs_r[:, None] < R) & mask_c[None, :], other=0.0,
-    )
-    lora = tl.dot(dh.to(lora_dtype), a.to(lora_dtype), input_precision=lora_precision)
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        keep = dropout_keep(dropout_row_keys(seed, offs_m), dropout_col_keys(seed, offs_c), mask_threshold)
-        lora = tl.where(keep, lora * inv_keep, 0.0)
-    acc += lora
+    acc += dx_lora_tile(dy_ptr, dh_ptr, a_ptr, seed_ptr, offs_m, offs_c, mask_m, mask_c, R, stride_ar, stride_ak,
+                        mask_threshold, inv_keep, HAS_DROPOUT, DOT_PRECISION, BLOCK_R, LORA_FP32, LORA_PRECISION)
     tl.store(
         dx_ptr + offs_m[:, None] * stride_dxm + offs_c[None, :] * stride_dxk,
         acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :],
@@ -151,23 +165,10 @@ def dx_lora_add_kernel(
     """dX[M, K] += keep ⊙ (dH·A)·inv_keep in place (dX from cuBLAS: dY·W); BLOCK_N tiles dX's columns."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     mask_c = offs_c < K
-    lora_dtype = tl.float32 if LORA_FP32 else dx_ptr.dtype.element_ty
-    lora_precision: tl.constexpr = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
-    dh = tl.load(
-        dh_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0
-    )
-    a = tl.load(
-        a_ptr + offs_r[:, None] * stride_ar + offs_c[None, :] * stride_ak,
-        mask=(offs_r[:, None] < R) & mask_c[None, :], other=0.0,
-    )
-    lora = tl.dot(dh.to(lora_dtype), a.to(lora_dtype), input_precision=lora_precision)
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        keep = dropout_keep(dropout_row_keys(seed, offs_m), dropout_col_keys(seed, offs_c), mask_threshold)
-        lora = tl.where(keep, lora * inv_keep, 0.0)
+    lora = dx_lora_tile(dx_ptr, dh_ptr, a_ptr, seed_ptr, offs_m, offs_c, mask_m, mask_c, R, stride_ar, stride_ak,
+                        mask_threshold, inv_keep, HAS_DROPOUT, DOT_PRECISION, BLOCK_R, LORA_FP32, LORA_PRECISION)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_c[None, :] * stride_dxk
     tile = mask_m[:, None] & mask_c[None, :]
     acc = tl.load(dx_ptrs, mask=tile, other=0.0).to(tl.float32) + lora

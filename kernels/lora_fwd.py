@@ -41,6 +41,28 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     return tile_m, tile_n
 
 
+@triton.jit
+def add_expand_tile(
+    acc, ref_ptr, h_ptr, b_ptr, scale_ptr, h_factor, offs_m, offs_n, mask_m, mask_n, R, stride_bn, stride_br,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, LORA_FP32: tl.constexpr, LORA_PRECISION: tl.constexpr,
+):
+    """``acc + (s·h_factor·H)·Bᵀ`` on one (BLOCK_M, BLOCK_N) output tile: the rank-r epilogue of the fused GEMM
+    and of the in-place `cublas` update, in one place. The dot runs in ``ref_ptr``'s element type (x or Y), or
+    on fp32 operands with LORA_FP32; s is read from memory, so a 0-dim tensor scaling needs no host sync."""
+    offs_r = tl.arange(0, BLOCK_R)
+    scale = tl.load(scale_ptr).to(tl.float32) * h_factor
+    h = tl.load(
+        h_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0,
+    )
+    b = tl.load(
+        b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+        mask=mask_n[None, :] & (offs_r[:, None] < R), other=0.0,
+    )
+    lora_dtype = tl.float32 if LORA_FP32 else ref_ptr.dtype.element_ty
+    lora_precision: tl.constexpr = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
+    return tl.dot((h * scale).to(lora_dtype), b.to(lora_dtype), acc, input_precision=lora_precision)
+
+
 @triton.jit(do_not_specialize=["mask_threshold"])
 def lora_shrink_kernel(
     x_ptr, a_ptr, h_ptr, seed_ptr,
@@ -105,7 +127,6 @@ def lora_expand_gemm_kernel(
     tile_m, tile_n = grouped_tile(tl.program_id(0).to(tl.int64), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -121,18 +142,8 @@ def lora_expand_gemm_kernel(
             mask=mask_n[None, :] & mask_k[:, None], other=0.0,
         )
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
-    # LoRA epilogue: the scale is read from memory so a 0-dim tensor scaling needs no host sync.
-    scale = tl.load(scale_ptr).to(tl.float32) * h_factor
-    h = tl.load(
-        h_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0,
-    )
-    b = tl.load(
-        b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-        mask=mask_n[None, :] & (offs_r[:, None] < R), other=0.0,
-    )
-    lora_dtype = tl.float32 if LORA_FP32 else x_ptr.dtype.element_ty
-    lora_precision: tl.constexpr = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
-    acc = tl.dot((h * scale).to(lora_dtype), b.to(lora_dtype), acc, input_precision=lora_precision)
+    acc = add_expand_tile(acc, x_ptr, h_ptr, b_ptr, scale_ptr, h_factor, offs_m, offs_n, mask_m, mask_n, R,
+                          stride_bn, stride_br, DOT_PRECISION, BLOCK_R, LORA_FP32, LORA_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(
@@ -154,23 +165,13 @@ def lora_expand_add_kernel(
     """Y[M, N] += (s·h_factor·H)·Bᵀ in place (Y from cuBLAS: X·Wᵀ + b, in Y's dtype)."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    scale = tl.load(scale_ptr).to(tl.float32) * h_factor
-    h = tl.load(
-        h_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0,
-    )
-    b = tl.load(
-        b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-        mask=mask_n[None, :] & (offs_r[:, None] < R), other=0.0,
-    )
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tile = mask_m[:, None] & mask_n[None, :]
-    lora_dtype = tl.float32 if LORA_FP32 else y_ptr.dtype.element_ty
-    lora_precision: tl.constexpr = LORA_PRECISION if LORA_FP32 else DOT_PRECISION
     acc = tl.load(y_ptrs, mask=tile, other=0.0).to(tl.float32)
-    acc = tl.dot((h * scale).to(lora_dtype), b.to(lora_dtype), acc, input_precision=lora_precision)
+    acc = add_expand_tile(acc, y_ptr, h_ptr, b_ptr, scale_ptr, h_factor, offs_m, offs_n, mask_m, mask_n, R,
+                          stride_bn, stride_br, DOT_PRECISION, BLOCK_R, LORA_FP32, LORA_PRECISION)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=tile)
 
 
