@@ -67,6 +67,18 @@ def lora_grads(layer):
     return grads
 
 
+def check_fwd_bwd(layer, x, y, y_ref, x64, params64, dtype):
+    """Backward of the fused output and of the float64 reference with the same random dY, then y, dx and the
+    LoRA (and bias) grads compared within ``dtype``'s tolerance."""
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    assert_close(y, y_ref, dtype, what="y")
+    assert_close(x.grad, x64.grad, dtype, what="dx")
+    for got, p64, what in zip(lora_grads(layer), params64, ("dA", "dB", "dbias")):
+        assert_close(got, p64.grad, dtype, what=what)
+
+
 def float64_reference(layer, x, dropout_p=0.0, mask=None):
     """PEFT's math in float64 on the weight both paths use (dequantized to the compute dtype): y and the grads
     of x and every trainable LoRA-layer parameter."""
@@ -148,13 +160,7 @@ def test_dropout_mask_replayed_through_reference():
     seed = functional._dropout_seed(x.device)
     mask = aten.dropout_keep_mask(seed, 18, 60, P, torch.float32).bool().reshape(2, 9, 60)
     y_ref, x64, params64 = float64_reference(layer, x, P, mask)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    y_ref.backward(dy.double())
-    assert_close(y, y_ref, torch.float32, what="y")
-    assert_close(x.grad, x64.grad, torch.float32, what="dx")
-    for got, p64, what in zip(lora_grads(layer), params64, ("dA", "dB", "dbias")):
-        assert_close(got, p64.grad, torch.float32, what=what)
+    check_fwd_bwd(layer, x, y, y_ref, x64, params64, torch.float32)
     # A replay with the wrong mask must fail: the check can catch a wrong mask.
     y_wrong, _, _ = float64_reference(layer, x, P, ~mask)
     assert (y.double() - y_wrong).norm() > 1e-3 * y_wrong.norm()
@@ -328,13 +334,7 @@ def test_quant_state_read_at_call_time_after_cpu_repack():
         warnings.simplefilter("error")  # fused, no fallback
         y = layer(x)
     y_ref, x64, params64 = float64_reference(layer, x)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    y_ref.backward(dy.double())
-    assert_close(y, y_ref, torch.float32, what="y")
-    assert_close(x.grad, x64.grad, torch.float32, what="dx")
-    for got, p64, what in zip(lora_grads(layer), params64, ("dA", "dB", "dbias")):
-        assert_close(got, p64.grad, torch.float32, what=what)
+    check_fwd_bwd(layer, x, y, y_ref, x64, params64, torch.float32)
 
 
 def test_inconsistent_cpu_packed_state_falls_back():
@@ -369,14 +369,8 @@ def test_gemm_4bit_strategy_under_the_interpreter(dtype, nested):
     torch.manual_seed(7)
     mask = lorafast.dropout.keep_mask(functional._dropout_seed(x.device), 10, 72, P)
     y_ref, x64, params64 = float64_reference(layer, x, P, mask.reshape(2, 5, 72))
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    y_ref.backward(dy.double())
     assert mask.float().mean() < 1.0
-    assert_close(y, y_ref, dtype, what="y")
-    assert_close(x.grad, x64.grad, dtype, what="dx")
-    for got, p64, what in zip(lora_grads(layer), params64, ("dA", "dB", "dbias")):
-        assert_close(got, p64.grad, dtype, what=what)
+    check_fwd_bwd(layer, x, y, y_ref, x64, params64, dtype)
 
 
 def _tiny_llama_4bit(path, quant_type="nf4"):
