@@ -226,19 +226,24 @@ def lora_grad_h(
     h_factor: float,
     need_db_lora: bool,
     need_dbias: bool,
+    *,
+    out: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """One pass over dY: dH = s·dY·B, dB = s·h_factor·dYᵀ·H, db = Σₘ dY.
 
     grad_y: (M, N) fp16/bf16/fp32, any strides (stride-0 grads from .sum() included); lora_b: (N, r);
-    h: (M, r) fp32 contiguous as saved by the forward; scaling: 0-dim tensor. Returns dH (M, r) fp32
-    contiguous, dB (N, r) fp32 or None, db (N,) fp32 or None.
+    h: (M, r) fp32 contiguous as saved by the forward; scaling: 0-dim tensor. ``out``: optional
+    zero-filled (dB (N, r), db (N,)) fp32 contiguous buffers to accumulate into (the strategies carve them
+    with dA from one fill, :func:`lorafast.kernels.alloc.zeros_views`); None: allocated here. Returns dH
+    (M, r) fp32 contiguous, dB (N, r) fp32 or None, db (N,) fp32 or None.
     """
     M, N = grad_y.shape
     R = lora_b.shape[1]
     dev = grad_y.device
     dh = torch.zeros((M, R), dtype=torch.float32, device=dev)
-    db_lora = torch.zeros((N, R), dtype=torch.float32, device=dev) if need_db_lora else None
-    dbias = torch.zeros((N,), dtype=torch.float32, device=dev) if need_dbias else None
+    if out is None:
+        out = alloc.zeros_views(((N, R) if need_db_lora else None, (N,) if need_dbias else None), torch.float32, dev)
+    db_lora, dbias = out
     lora_fp32, lora_precision = lora_dot(grad_y.dtype, lora_b.dtype)
 
     def grid(meta):
@@ -326,15 +331,19 @@ def lora_grad_a(
     seed: Optional[torch.Tensor],
     dropout_p: float,
     adapter_dtype: torch.dtype = torch.float32,
+    *,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """dA = dHᵀ·drop(X), dropout mask regenerated from ``seed``.
 
     x: (M, K) any strides; dh: (M, r) fp32 contiguous; adapter_dtype: lora_a's dtype (with the adapter
-    precision, it decides whether the dot runs on fp32 operands, kernels/dtypes.py). Returns dA: (r, K) fp32.
+    precision, it decides whether the dot runs on fp32 operands, kernels/dtypes.py); ``out``: an optional
+    zero-filled (r, K) fp32 contiguous buffer to accumulate into. Returns dA: (r, K) fp32 (``out`` if given).
     """
     M, K = x.shape
     R = dh.shape[1]
-    da = torch.zeros((R, K), dtype=torch.float32, device=x.device)  # programs accumulate into it
+    # Programs accumulate into it.
+    da = torch.zeros((R, K), dtype=torch.float32, device=x.device) if out is None else out
     has_dropout = dropout_p > 0.0
     lora_fp32, lora_precision = lora_dot(x.dtype, adapter_dtype)
 
@@ -351,4 +360,37 @@ def lora_grad_a(
         LORA_FP32=lora_fp32, LORA_PRECISION=lora_precision, fp32=skinny_fp32_tiles(x.dtype, lora_fp32, lora_precision),
     )
     return da
+
+
+def lora_grads(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    h: torch.Tensor,
+    scaling: torch.Tensor,
+    seed: Optional[torch.Tensor],
+    dropout_p: float,
+    need_da: bool,
+    need_db_lora: bool,
+    need_dbias: bool,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The rank-r side of the backward, shared by the `fused` and `cublas` strategies: :func:`lora_grad_h`
+    then :func:`lora_grad_a`, with dA, dB and db carved from **one** zero fill (they are parameter
+    gradients, which live equally long): two zero fills per backward (dH, and these) instead of four.
+
+    Shapes as :func:`lora_grad_h` / :func:`lora_grad_a`; x (M, K), lora_a (r, K). Returns (dH (M, r),
+    dA (r, K), dB (N, r), db (N,)) fp32, None where not needed (dH is always computed: dX needs it too).
+    """
+    N, R = lora_b.shape
+    K = x.shape[1]
+    shapes = ((R, K) if need_da else None, (N, R) if need_db_lora else None, (N,) if need_dbias else None)
+    da, db_lora, dbias = alloc.zeros_views(shapes, torch.float32, grad_y.device)
+    h_factor = 1.0 / (1.0 - dropout_p)
+    dh, db_lora, dbias = lora_grad_h(
+        grad_y, lora_b, h, scaling, h_factor, need_db_lora, need_dbias, out=(db_lora, dbias)
+    )
+    if need_da:
+        lora_grad_a(x, dh, seed, dropout_p, lora_a.dtype, out=da)
+    return dh, da, db_lora, dbias
 

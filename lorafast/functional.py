@@ -8,6 +8,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from lorafast import ops, reference, strategies
+from lorafast.strategies.aten import accum_dtype
 from lorafast.validation import check_lora_linear_args
 
 # The 0-dim scale tensors of float scalings, per (value, dtype, device): the kernels read s from memory,
@@ -22,7 +23,7 @@ def scale_tensor(scaling: Union[float, torch.Tensor], x: torch.Tensor) -> torch.
     A 0-dim tensor scaling (PEFT hotswap) is used as is (a view, no copy when already there), so changing
     its value needs no sync and no recompile under torch.compile. Float scalings come from a cache.
     """
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = accum_dtype(x.dtype)  # a dict lookup: torch.promote_types is a dispatched op (~1 µs)
     if isinstance(scaling, torch.Tensor):
         return scaling.detach().reshape(()).to(device=x.device, dtype=dtype)
     if torch.compiler.is_compiling():  # a traced constant; never hand dynamo a cached real tensor

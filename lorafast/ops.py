@@ -69,7 +69,25 @@ def lora_linear_bwd(
     grads = strategies.get(backend).backward(
         grad_y, x, weight, lora_a, lora_b, h, scaling, seed, dropout_p, need_dx, need_da, need_db_lora, need_dbias
     )
-    return tuple(g.contiguous() if g is not None else x.new_empty((0,)) for g in grads)
+    return _unaliased(grads, x)
+
+
+def _unaliased(grads, x: Tensor) -> Tuple[Tensor, ...]:
+    """Contiguous, with no two sharing a storage (a custom op's outputs may not alias, and the Triton strategies
+    carve dA, dB and db from one zero fill); None becomes an empty (0,) tensor."""
+    storages = set()
+    out = []
+    for g in grads:
+        if g is None:
+            out.append(x.new_empty((0,)))
+            continue
+        g = g.contiguous()
+        ptr = g.untyped_storage().data_ptr()
+        if ptr in storages:
+            g = g.clone()
+        storages.add(ptr)
+        out.append(g)
+    return tuple(out)
 
 
 @lora_linear_bwd.register_fake

@@ -325,3 +325,28 @@ def test_fused_path_with_launches_stubbed_has_no_host_sync(monkeypatch):
         y = model(x)
         y.backward(torch.ones_like(y))
     assert launches and not _SYNCING.intersection(rec.ops), rec.ops
+
+
+def test_fused_fwd_bwd_fills_three_buffers(monkeypatch):
+    """Per fwd+bwd the Triton strategy zero-fills three buffers for its atomics — H, dH, and one shared by
+    dA/dB/db — and launches five kernels; the parameter gradients it returns share that one storage."""
+    pytest.importorskip("triton")
+    from lorafast.kernels import configs, lora_bwd, lora_fwd
+
+    launches = []
+    for module in (configs, lora_fwd, lora_bwd):
+        monkeypatch.setattr(module, "launch", lambda *a, **k: launches.append(1))
+    torch.manual_seed(0)
+    model = get_peft_model(_Tiny(), LoraConfig(r=R, lora_alpha=8, target_modules=["lin"], lora_bias=True))
+    lorafast.patch(model, backend="fused")
+    layer = _layer(model)
+    x = torch.randn(7, IN, requires_grad=True)
+    model(x).sum().backward()
+    launches.clear()
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    with _Recorder() as rec:
+        y = model(x)
+        grads = torch.autograd.grad(y, [x, *params], torch.ones_like(y))
+    assert len(launches) == 5
+    assert rec.ops.count("zeros") == 3, rec.ops
+    assert grads[1].untyped_storage().data_ptr() == grads[2].untyped_storage().data_ptr()

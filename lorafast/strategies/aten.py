@@ -65,31 +65,49 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Ten
 
 
 _thread_state = threading.local()
+# The CPU mask compares 16-bit random lanes with a threshold: p is realised as round(p·2¹⁶)/2¹⁶, within
+# 2⁻¹⁷ (7.6e-6) of p — 2⁻¹⁶ resolution, where the kernels' hash has 2⁻³¹ (lorafast.dropout.mask_threshold).
+_LANE_BITS = 16
+_LANES = 64 // _LANE_BITS  # 16-bit lanes per int64 draw
 
 
-def cpu_keep_mask(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
-    """The CPU aten strategy's (M, K) fp32 0/1 keep-mask: ``uniform_ ≥ p`` from a per-thread generator
-    seeded with ``seed`` (an int64 CPU tensor of one element). A pure function of (seed, M, K, p).
+def cpu_mask_threshold(p: float) -> int:
+    """The signed 16-bit threshold of the CPU mask for drop probability ``p`` in [0, 1): keep iff lane ≥ it
+    (lanes uniform on [−2¹⁵, 2¹⁵)), so P(drop) = round(p·2¹⁶)/2¹⁶, capped below 1."""
+    return min(int(round(p * 2**_LANE_BITS)), 2**_LANE_BITS - 1) - 2 ** (_LANE_BITS - 1)
 
-    Why not the kernels' hash (:func:`lorafast.dropout.keep_mask`) on CPU too: in eager torch ops it
-    costs 2–6× more than this (16×64: 65 vs 10 µs; 2048×768: 8.2 vs 3.4 ms, 1 thread on the 2-core CPU).
-    `.item()` on a CPU tensor is no device sync; the generator is made once per thread, not per call.
-    A float mask, not bool: on CPU ``x * bool_mask`` takes a slow promotion path (16 ms vs 0.65 ms at
-    2048×768, 1 thread), and uniform_ + ge_ costs a third of F.dropout's bernoulli (10.6 vs 37 ms).
+
+def cpu_keep_mask(
+    seed: torch.Tensor, M: int, K: int, p: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The CPU aten strategy's (M, K) 0/1 keep-mask in ``dtype`` (a float dtype): each element keeps iff a
+    16-bit lane of 64-bit draws from a per-thread generator seeded with ``seed`` (an int64 CPU tensor of one
+    element) is ≥ :func:`cpu_mask_threshold`. A pure function of (seed, M, K, p), whatever the thread count
+    (the 64-bit draws are serial).
+
+    Why this form (measured at 192×384, 1–2 threads on the 2-core CPU): a full-range int64 ``random_`` gives
+    four mask elements per draw (63–90 µs, where ``uniform_`` + ``ge_`` costs 260–310 µs and PEFT's
+    ``bernoulli_`` 470–620 µs), and ``torch.ge(..., out=float)`` writes the 0/1 floats in one pass (15 µs;
+    a bool ``ge`` then ``.float()`` costs 60–80 µs, and ``x * bool_mask`` takes torch's slow promotion path).
+    Not the kernels' hash (:func:`lorafast.dropout.keep_mask`): in eager torch ops it costs several times
+    more. ``.item()`` on a CPU tensor is no device sync; the generator is made once per thread.
     """
     gen = getattr(_thread_state, "generator", None)
     if gen is None:
         gen = _thread_state.generator = torch.Generator()
     gen.manual_seed(seed.item())  # one element (checked by the caller's contract); one call, not three
-    return torch.rand((M, K), generator=gen).ge_(p)  # torch.rand is empty + uniform_: the same bits
+    words = -(-K // _LANES)  # int64 draws per row; a row's lanes past K are drawn and ignored
+    lanes = torch.empty((M, words), dtype=torch.int64).random_(-(2**63), None, generator=gen).view(torch.int16)
+    if words * _LANES != K:
+        lanes = lanes[:, :K]
+    return torch.ge(lanes, cpu_mask_threshold(p), out=torch.empty((M, K), dtype=dtype))
 
 
 def dropout_keep_mask(seed: torch.Tensor, M: int, K: int, p: float, dtype: torch.dtype) -> torch.Tensor:
     """(M, K) 0/1 keep-mask in ``dtype`` as this strategy draws it: the kernels' hash on CUDA (identical
     to `fused`/`cublas`), :func:`cpu_keep_mask` on CPU. Regenerated in backward from the saved seed."""
     if seed.device.type == "cpu":
-        keep = cpu_keep_mask(seed, M, K, p)
-        return keep if dtype == torch.float32 else keep.to(dtype)
+        return cpu_keep_mask(seed, M, K, p, dtype)
     return keep_mask(seed, M, K, p).to(dtype)
 
 

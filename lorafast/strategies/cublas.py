@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from lorafast.kernels.lora_bwd import dx_lora_add, lora_grad_a, lora_grad_h
+from lorafast.kernels.lora_bwd import dx_lora_add, lora_grads
 from lorafast.kernels.lora_fwd import lora_expand_add, lora_shrink
 
 
@@ -50,8 +50,8 @@ def backward(
     need_dbias: bool,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Shapes and dtypes as :func:`lorafast.strategies.fused.backward`."""
-    h_factor = 1.0 / (1.0 - dropout_p)
-    dh, db_lora, dbias = lora_grad_h(grad_y, lora_b, h, scaling, h_factor, need_db_lora, need_dbias)
+    dh, da, db_lora, dbias = lora_grads(
+        grad_y, x, lora_a, lora_b, h, scaling, seed, dropout_p, need_da, need_db_lora, need_dbias
+    )
     dx = dx_lora_add(torch.mm(grad_y, weight), dh, lora_a, seed, dropout_p) if need_dx else None
-    da = lora_grad_a(x, dh, seed, dropout_p, lora_a.dtype) if need_da else None
     return dx, da, db_lora, dbias

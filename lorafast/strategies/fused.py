@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from lorafast.kernels.lora_bwd import dx_with_lora_epilogue, lora_grad_a, lora_grad_h
+from lorafast.kernels.lora_bwd import dx_with_lora_epilogue, lora_grads
 from lorafast.kernels.lora_fwd import lora_expand_gemm, lora_shrink
 
 
@@ -47,10 +47,11 @@ def backward(
     need_db_lora: bool,
     need_dbias: bool,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Up to three launches: dH/dB/db over dY, the dX GEMM with its LoRA epilogue, dA over X.
+    """Up to three launches (plus two zero fills, :func:`lorafast.kernels.lora_bwd.lora_grads`): dH/dB/db
+    over dY, the dX GEMM with its LoRA epilogue, dA over X. dA, dB and db share one storage.
     Returns (dX in grad_y's dtype, dA (r, K) fp32, dB (N, r) fp32, db (N,) fp32), None where not needed."""
-    h_factor = 1.0 / (1.0 - dropout_p)
-    dh, db_lora, dbias = lora_grad_h(grad_y, lora_b, h, scaling, h_factor, need_db_lora, need_dbias)
+    dh, da, db_lora, dbias = lora_grads(
+        grad_y, x, lora_a, lora_b, h, scaling, seed, dropout_p, need_da, need_db_lora, need_dbias
+    )
     dx = dx_with_lora_epilogue(grad_y, weight, dh, lora_a, seed, dropout_p) if need_dx else None
-    da = lora_grad_a(x, dh, seed, dropout_p, lora_a.dtype) if need_da else None
     return dx, da, db_lora, dbias
