@@ -201,3 +201,31 @@ def test_all_strategies_drop_the_same_inputs_on_cuda():
         outs[strategy] = lorafast.lora_linear(*inp.args(), dropout_p=0.3, training=True, backend=strategy)
     for strategy in ("cublas", "aten"):
         assert_close(outs[strategy], outs["fused"].double(), torch.bfloat16, what=strategy)
+
+
+def test_cpu_mask_threshold_resolution():
+    """The CPU mask realises p to within 2⁻¹⁷ and never overflows its signed 16-bit lanes."""
+    for p in (0.0, 0.01, 0.1, 0.25, 1 / 3, 0.9, 0.999999):
+        t = aten.cpu_mask_threshold(p)
+        assert -(2**15) <= t <= 2**15 - 1
+        assert abs((t + 2**15) / 2**16 - p) <= 2**-17 or p > 1 - 2**-16
+    assert aten.cpu_mask_threshold(0.0) == -(2**15)  # p = 0 keeps every lane
+
+
+@pytest.mark.parametrize("M, K", [(1, 1), (3, 5), (4, 8), (7, 130)])
+def test_cpu_mask_deterministic_any_width(M, K):
+    """Widths not a multiple of four lanes included: a pure function of (seed, M, K, p), in every float
+    dtype the same bits, and independent of the thread count."""
+    seed = torch.tensor([2**40 + 7])
+    ref = aten.cpu_keep_mask(seed, M, K, 0.3)
+    assert ref.shape == (M, K) and ref.dtype == torch.float32 and ref.is_contiguous()
+    assert set(ref.unique().tolist()) <= {0.0, 1.0}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(aten.cpu_keep_mask(seed, M, K, 0.3), ref)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(aten.cpu_keep_mask(seed, M, K, 0.3, torch.bfloat16).float(), ref)
+    other = aten.cpu_keep_mask(torch.tensor([2**40 + 8]), M, K, 0.3)
+    assert M * K < 16 or not torch.equal(other, ref)
