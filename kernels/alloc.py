@@ -23,24 +23,19 @@ def zeros_views(
 
     The views share one storage, so none is freed before all are: meant for outputs that live equally
     long (a layer's parameter gradients). Not for outputs of a ``torch.library`` op, which may not alias.
+    One ``as_strided`` per view (a slice + view pair costs two dispatches).
     """
     align = max(1, _ALIGN_BYTES // dtype.itemsize)
-    offsets, total = [], 0
+    layout, total = [], 0
     for shape in shapes:
-        offsets.append(total)
-        if shape is not None:
-            numel = 1
-            for size in shape:
-                numel *= size
-            total += -(-numel // align) * align
-    flat = torch.zeros((total,), dtype=dtype, device=device)
-    views = []
-    for shape, offset in zip(shapes, offsets):
         if shape is None:
-            views.append(None)
+            layout.append(None)
             continue
-        numel = 1
-        for size in shape:
+        strides, numel = [], 1
+        for size in reversed(shape):
+            strides.append(numel)
             numel *= size
-        views.append(flat[offset: offset + numel].view(shape))
-    return views
+        layout.append((shape, tuple(reversed(strides)), total))
+        total += -(-numel // align) * align
+    flat = torch.zeros((total,), dtype=dtype, device=device)
+    return [None if spec is None else flat.as_strided(*spec) for spec in layout]

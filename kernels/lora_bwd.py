@@ -254,7 +254,7 @@ def lora_grad_h(
         lora_grad_h_kernel, SKINNY, dev, grid,
         (grad_y, lora_b, h, scaling, dh, db_lora if need_db_lora else dh, dbias if need_dbias else dh,
          M, N, R, m_bucket(M),
-         grad_y.stride(0), grad_y.stride(1), lora_b.stride(0), lora_b.stride(1), float(h_factor)),
+         *grad_y.stride(), *lora_b.stride(), float(h_factor)),
         key=("M_BUCKET", "N", "LORA_FP32"),
         reset_to_zero=("dh_ptr",) + tuple(
             name for name, on in (("db_lora_ptr", need_db_lora), ("dbias_ptr", need_dbias)) if on
@@ -290,8 +290,8 @@ def dx_with_lora_epilogue(
         dx_with_lora_epilogue_kernel, DX, grad_y.device,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
         (grad_y, weight, dh, lora_a, seed if has_dropout else dh, dx, M, N, K, R, m_bucket(M),
-         grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
-         lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
+         *grad_y.stride(), *weight.stride(),
+         *lora_a.stride(), *dx.stride(),
          mask_threshold(dropout_p), 1.0 / (1.0 - dropout_p)),
         key=("M_BUCKET", "N", "K", "LORA_FP32"),
         HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(grad_y.dtype), BLOCK_R=rank_block(R), GROUP_M=8,
@@ -316,7 +316,7 @@ def dx_lora_add(
         dx_lora_add_kernel, EPILOGUE, dx.device,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"])),
         (dx, dh, lora_a, seed if has_dropout else dh, M, K, R, m_bucket(M),
-         dx.stride(0), dx.stride(1), lora_a.stride(0), lora_a.stride(1),
+         *dx.stride(), *lora_a.stride(),
          mask_threshold(dropout_p), 1.0 / (1.0 - dropout_p)),
         key=("M_BUCKET", "K", "LORA_FP32"), restore=("dx_ptr",),
         HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(dx.dtype), BLOCK_R=rank_block(R),
@@ -353,7 +353,7 @@ def lora_grad_a(
 
     launch(
         lora_grad_a_kernel, SKINNY, x.device, grid,
-        (x, dh, seed if has_dropout else dh, da, M, K, R, m_bucket(M), x.stride(0), x.stride(1),
+        (x, dh, seed if has_dropout else dh, da, M, K, R, m_bucket(M), *x.stride(),
          mask_threshold(dropout_p), 1.0 / (1.0 - dropout_p)),
         key=("M_BUCKET", "K", "LORA_FP32"), reset_to_zero=("da_ptr",),
         HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(R),

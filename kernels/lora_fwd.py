@@ -194,7 +194,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seed: Optional[torch.Tens
     launch(
         lora_shrink_kernel, SKINNY, x.device, grid,
         (x, lora_a, h, seed if has_dropout else h, M, K, R, m_bucket(M),
-         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), mask_threshold(dropout_p)),
+         *x.stride(), *lora_a.stride(), mask_threshold(dropout_p)),
         key=("M_BUCKET", "K", "LORA_FP32"), reset_to_zero=("h_ptr",),
         HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(R),
         LORA_FP32=lora_fp32, LORA_PRECISION=lora_precision, fp32=skinny_fp32_tiles(x.dtype, lora_fp32, lora_precision),
@@ -225,8 +225,8 @@ def lora_expand_gemm(
         lora_expand_gemm_kernel, GEMM, x.device,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
         (x, weight, bias if bias is not None else y, h, lora_b, scaling, y, M, N, K, R, m_bucket(M),
-         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-         lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1), float(h_factor)),
+         *x.stride(), *weight.stride(),
+         *lora_b.stride(), *y.stride(), float(h_factor)),
         key=("M_BUCKET", "N", "K", "LORA_FP32"),
         HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(R), GROUP_M=8,
         LORA_FP32=lora_fp32, LORA_PRECISION=lora_precision, fp32=x.dtype == torch.float32,
@@ -248,8 +248,8 @@ def lora_expand_add(
     launch(
         lora_expand_add_kernel, EPILOGUE, y.device,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"])),
-        (y, h, lora_b, scaling, M, N, R, m_bucket(M), y.stride(0), y.stride(1),
-         lora_b.stride(0), lora_b.stride(1), float(h_factor)),
+        (y, h, lora_b, scaling, M, N, R, m_bucket(M), *y.stride(),
+         *lora_b.stride(), float(h_factor)),
         key=("M_BUCKET", "N", "LORA_FP32"),
         # Autotune runs every config on the same y: restore it between trials, or Y gets the update twice.
         restore=("y_ptr",),

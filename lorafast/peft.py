@@ -85,6 +85,11 @@ class _Plan(NamedTuple):
     adapter_dtype: Optional[torch.dtype] = None  # cast the adapters to this first (PEFT's autocast rule)
     lora_bias: bool = False  # some lora_B has a bias: fold s·b_B into the op's bias vector
     in_features: int = 0
+    # One adapter: (base weight, base bias, lora_A weight, lora_B weight, scaling) — the Parameter objects
+    # (and the float or 0-dim scale) the key's ids name, so reading them here is reading the modules: the key
+    # changed if any was replaced, and the plan's reference keeps a freed id from being reused meanwhile.
+    # Parameters, not derived tensors: in-place updates and `.data` swaps are seen.
+    tensors: tuple = ()
 
 
 class FusedLoraLinear(PeftLoraLinear):
@@ -233,24 +238,28 @@ class FusedLoraLinear(PeftLoraLinear):
             torch.cat(lora_a, dim=0), torch.cat(lora_b, dim=1), 1.0, dropout_ps[0],
             getattr(self, _BACKEND_ATTR, "auto"),
         )
+        tensors = (weight, bias, lora_a[0], lora_b[0], scalings[0]) if len(active) == 1 else ()
         return _Plan(
             key, None, tuple(active), dropout_ps[0], device_type if autocast else None, adapter_dtype,
-            any(b is not None for b in lora_biases), weight.shape[1],
+            any(b is not None for b in lora_biases), weight.shape[1], tensors,
         )
 
     def _run_plan(self, plan: _Plan, x: torch.Tensor) -> torch.Tensor:
         """The fused call on this input: the held modules' current tensors, as PEFT's forward reads them."""
+        backend = self.__dict__.get(_BACKEND_ATTR, "auto")
+        if plan.tensors and plan.autocast_device is None and not plan.lora_bias:  # the common case
+            weight, bias, lora_a, lora_b, scaling = plan.tensors
+            return _fused_forward(x, weight, bias, lora_a, lora_b, scaling, plan.dropout_p, backend=backend)
         modules = self._modules
-        base_params = modules["base_layer"]._parameters
-        weight, bias = base_params["weight"], base_params["bias"]
         lora_A, lora_B = modules["lora_A"]._modules, modules["lora_B"]._modules
         names = plan.names
-        if len(names) == 1:
-            lora_a, lora_b = lora_A[names[0]]._parameters["weight"], lora_B[names[0]]._parameters["weight"]
-            scaling = self.scaling[names[0]]
+        if plan.tensors:
+            weight, bias, lora_a, lora_b, scaling = plan.tensors
             if plan.adapter_dtype is not None:
                 lora_a, lora_b = lora_a.to(plan.adapter_dtype), lora_b.to(plan.adapter_dtype)
         else:
+            base_params = modules["base_layer"]._parameters
+            weight, bias = base_params["weight"], base_params["bias"]
             lora_as = [lora_A[n]._parameters["weight"] for n in names]
             lora_bs = [lora_B[n]._parameters["weight"] for n in names]
             if plan.adapter_dtype is not None:
@@ -260,7 +269,6 @@ class FusedLoraLinear(PeftLoraLinear):
             lora_a = torch.cat(lora_as, dim=0)
             lora_b = torch.cat([b * self.scaling[n] for b, n in zip(lora_bs, names)], dim=1)
             scaling = 1.0
-        backend = self.__dict__.get(_BACKEND_ATTR, "auto")
         if plan.autocast_device is not None:
             x, weight, bias = autocast_inputs(x, weight, bias)
         if plan.lora_bias:
