@@ -91,6 +91,11 @@ class _Plan(NamedTuple):
     # changed if any was replaced, and the plan's reference keeps a freed id from being reused meanwhile.
     # Parameters, not derived tensors: in-place updates and `.data` swaps are seen.
     tensors: tuple = ()
+    # Set by FusedLoraLinear._with_hook_state: the hook dicts and __dict__s of the modules the fused call
+    # bypasses, and whether any hook (or a global one) was present when planned.
+    hook_dicts: tuple = ()
+    module_dicts: tuple = ()
+    hooked: bool = False
 
 
 class FusedLoraLinear(PeftLoraLinear):
@@ -119,13 +124,31 @@ class FusedLoraLinear(PeftLoraLinear):
                 return super().forward(x, *args, **kwargs)
         key = self._plan_key(x)
         plan = self.__dict__.get(_PLAN_ATTR)
-        if plan is None or plan.key != key:
-            plan = self._make_plan(x, key)
+        # Equal keys mean the same module objects, so the plan's held hook dicts are theirs: a hook added or
+        # removed since planning changes what this reads (one C-level any() over them, not attribute walks).
+        if plan is None or plan.key != key or _hooked(plan) is not plan.hooked:
+            plan = self._with_hook_state(self._make_plan(x, key))
             self.__dict__[_PLAN_ATTR] = plan
         if plan.fallback is not None:
             _report_fallback(self, plan.fallback)
             return super().forward(x, *args, **kwargs)
         return self._run_plan(plan, x)
+
+    def _with_hook_state(self, plan: _Plan) -> _Plan:
+        """``plan`` with the hook dicts and ``__dict__``s of the modules a fused call bypasses (base layer and
+        each active adapter's lora_A, lora_B, dropout), and whether any hook was present when planned."""
+        modules = self._modules
+        held = [modules["base_layer"]]
+        lora_A, lora_B, dropouts = (modules[n]._modules for n in ("lora_A", "lora_B", "lora_dropout"))
+        for name in plan.key[2]:  # the names in the key
+            if name in lora_A:
+                held += (lora_A[name], lora_B[name], dropouts[name])
+        plan = plan._replace(
+            hook_dicts=tuple(d for m in held for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+                                                       m._backward_pre_hooks)),
+            module_dicts=tuple(m.__dict__ for m in held),
+        )
+        return plan._replace(hooked=_hooked(plan))
 
     def _call_fallback(self, args: tuple, kwargs: dict) -> Optional[_Fallback]:
         """Why this call's extra arguments need PEFT's forward, or None (keywords PEFT only pops)."""
@@ -144,9 +167,10 @@ class FusedLoraLinear(PeftLoraLinear):
         tensors are read per call). requires_grad is not part of it (the op reads it per call).
         Written for the interpreter: every item costs bytecode on every call (measured in a fwd+bwd loop,
         cold caches, the key was ~14 µs of a 115 µs step), so attribute tuples come from one C-level
-        ``attrgetter`` and the hook checks from one call over all held modules.
+        ``attrgetter`` (eager), and hooks are not in it: ``forward`` checks the plan's held hook dicts.
         """
         d = self.__dict__
+        meta = _tensor_meta if torch.compiler.is_compiling() else _tensor_meta_c
         modules = d["_modules"]
         base = modules["base_layer"]
         active = d["_active_adapter"]
@@ -158,19 +182,17 @@ class FusedLoraLinear(PeftLoraLinear):
         lora_A, lora_B = modules["lora_A"]._modules, modules["lora_B"]._modules
         dropouts, variants, scaling = modules["lora_dropout"]._modules, d["lora_variant"], d["scaling"]
         key = [
-            d["_disable_adapters"], bool(d["merged_adapters"]), names, d["fan_in_fan_out"],
+            d["_disable_adapters"], bool(d["merged_adapters"]), names, d["fan_in_fan_out"],  # names: key[2]
             d["cast_input_dtype_enabled"], x.dtype, device, autocast,
             torch.get_autocast_dtype(device.type) if autocast else None,
-            type(base), id(base), id(w), id(params.get("bias")), None if w is None else _tensor_meta(w),
+            type(base), id(base), id(w), id(params.get("bias")), None if w is None else meta(w),
         ]
-        held = [base]
         for name in names:
             a_module = lora_A.get(name)
             if a_module is None:
                 key += (name, None)
                 continue
             b_module, dropout = lora_B[name], dropouts[name]
-            held += (a_module, b_module, dropout)
             s = scaling[name]
             a_params, b_params = a_module._parameters, b_module._parameters
             a_w, b_w = a_params.get("weight"), b_params.get("weight")
@@ -180,9 +202,8 @@ class FusedLoraLinear(PeftLoraLinear):
                 # __dict__, not getattr: nn.Identity has no p, and a failed module getattr costs µs.
                 dropout.training, dropout.__dict__.get("p"), s if type(s) is float else id(s),
                 id(a_w), id(b_w), id(a_params.get("bias")), id(b_params.get("bias")),
-                None if a_w is None else _tensor_meta(a_w), None if b_w is None else _tensor_meta(b_w),
+                None if a_w is None else meta(a_w), None if b_w is None else meta(b_w),
             )
-        key.append(_has_global_hooks() or _any_hooks(held))
         return tuple(key)
 
     def _make_plan(self, x: torch.Tensor, key: tuple) -> _Plan:
@@ -393,17 +414,16 @@ _tensor_meta_c = operator.attrgetter("dtype", "device", "shape")  # one C call p
 
 
 def _tensor_meta(t: torch.Tensor) -> tuple:
-    """(dtype, device, shape) of ``t``: one C call in eager mode; dynamo cannot trace ``attrgetter``."""
-    if torch.compiler.is_compiling():
-        return (t.dtype, t.device, t.shape)
-    return _tensor_meta_c(t)
+    """(dtype, device, shape) of ``t`` under torch.compile, which cannot trace ``attrgetter``."""
+    return (t.dtype, t.device, t.shape)
 
 
-def _any_hooks(modules: list) -> bool:
-    """:func:`_has_hooks` of any of ``modules``, in one call."""
-    for module in modules:
-        if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or "forward" in module.__dict__):
+def _hooked(plan: _Plan) -> bool:
+    """Whether a global module hook, a hook on a module ``plan`` holds, or a replaced ``forward`` is present."""
+    if _has_global_hooks() or any(plan.hook_dicts):
+        return True
+    for module_dict in plan.module_dicts:
+        if "forward" in module_dict:
             return True
     return False
 

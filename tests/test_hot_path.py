@@ -241,6 +241,47 @@ def test_hook_added_later(op_calls):
     assert len(op_calls) == 2
 
 
+@pytest.mark.parametrize("where", ["base_layer", "lora_B", "lora_dropout", "pre_hook", "forward", "global"])
+def test_other_hooks_added_later(where, op_calls, fresh_fallback_log):
+    """Every kind of hook the fused call would bypass, added after the layer planned, sends it to PEFT's
+    forward (hook included); removing it brings the fused call back."""
+    vanilla, patched = _pair(dropout=0.0)
+    _assert_matches(vanilla, patched, what="no hooks")
+
+    def double(module, args, output):
+        return output * 2
+
+    def add(model):
+        layer = _layer(model)
+        if where == "global":
+            return torch.nn.modules.module.register_module_forward_hook(double)
+        if where == "pre_hook":
+            return layer.base_layer.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+        if where == "forward":
+            module, original = layer.lora_B["default"], type(layer.lora_B["default"]).forward
+            module.forward = lambda t: original(module, t) * 2
+
+            class Remove:
+                def remove(self):
+                    del module.forward
+
+            return Remove()
+        module = layer.base_layer if where == "base_layer" else getattr(layer, where)["default"]
+        return module.register_forward_hook(double)
+
+    if where == "global":  # one hook for both models
+        handles = [add(patched)]
+    else:
+        handles = [add(m) for m in (vanilla, patched)]
+    with pytest.warns(UserWarning, match="module hooks"):
+        _assert_matches(vanilla, patched, what=f"hook on {where}")
+    assert len(op_calls) == 1
+    for handle in handles:
+        handle.remove()
+    _assert_matches(vanilla, patched, what="hook removed")
+    assert len(op_calls) == 2
+
+
 def test_autocast_on_off(op_calls):
     vanilla, patched = _pair()
     _assert_matches(vanilla, patched, what="autocast off")
