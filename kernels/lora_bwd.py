@@ -377,7 +377,7 @@ def lora_grads(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The rank-r side of the backward, shared by the `fused` and `cublas` strategies: :func:`lora_grad_h`
     then :func:`lora_grad_a`, with dA, dB and db carved from **one** zero fill (they are parameter
-    gradients, which live equally long): two zero fills per backward (dH, and these) instead of four.
+    gradients, which live equally long): two zero fills per backward (dH, and these) instead of up to four.
 
     Shapes as :func:`lora_grad_h` / :func:`lora_grad_a`; x (M, K), lora_a (r, K). Returns (dH (M, r),
     dA (r, K), dB (N, r), db (N,)) fp32, None where not needed (dH is always computed: dX needs it too).

@@ -140,13 +140,11 @@ class FusedLoraLinear(PeftLoraLinear):
         modules = self._modules
         held = [modules["base_layer"]]
         lora_A, lora_B, dropouts = (modules[n]._modules for n in ("lora_A", "lora_B", "lora_dropout"))
-        for name in plan.key[2]:  # the names in the key
+        for name in _adapter_names(self._active_adapter):
             if name in lora_A:
                 held += (lora_A[name], lora_B[name], dropouts[name])
         plan = plan._replace(
-            hook_dicts=tuple(d for m in held for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
-                                                       m._backward_pre_hooks)),
-            module_dicts=tuple(m.__dict__ for m in held),
+            hook_dicts=tuple(d for m in held for d in _hook_dicts(m)), module_dicts=tuple(m.__dict__ for m in held)
         )
         return plan._replace(hooked=_hooked(plan))
 
@@ -173,8 +171,7 @@ class FusedLoraLinear(PeftLoraLinear):
         meta = _tensor_meta if torch.compiler.is_compiling() else _tensor_meta_c
         modules = d["_modules"]
         base = modules["base_layer"]
-        active = d["_active_adapter"]
-        names = (active,) if type(active) is str else tuple(active)
+        names = _adapter_names(d["_active_adapter"])
         device = x.device
         autocast = device.type != "meta" and torch.is_autocast_enabled(device.type)
         params = base._parameters
@@ -182,7 +179,7 @@ class FusedLoraLinear(PeftLoraLinear):
         lora_A, lora_B = modules["lora_A"]._modules, modules["lora_B"]._modules
         dropouts, variants, scaling = modules["lora_dropout"]._modules, d["lora_variant"], d["scaling"]
         key = [
-            d["_disable_adapters"], bool(d["merged_adapters"]), names, d["fan_in_fan_out"],  # names: key[2]
+            d["_disable_adapters"], bool(d["merged_adapters"]), names, d["fan_in_fan_out"],
             d["cast_input_dtype_enabled"], x.dtype, device, autocast,
             torch.get_autocast_dtype(device.type) if autocast else None,
             type(base), id(base), id(w), id(params.get("bias")), None if w is None else meta(w),
@@ -410,6 +407,11 @@ def _fold_lora_bias(
     return total.to(dtype)
 
 
+def _adapter_names(active: Union[str, list]) -> tuple:
+    """PEFT's ``_active_adapter`` (a name or a list of names) as a tuple of names."""
+    return (active,) if type(active) is str else tuple(active)
+
+
 _tensor_meta_c = operator.attrgetter("dtype", "device", "shape")  # one C call per tensor for the plan key
 
 
@@ -428,14 +430,14 @@ def _hooked(plan: _Plan) -> bool:
     return False
 
 
+def _hook_dicts(module: nn.Module) -> tuple:
+    """The module's own hook registries (mutated in place by ``register_*_hook`` and handle removal)."""
+    return (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+
+
 def _has_hooks(module: nn.Module) -> bool:
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-        or "forward" in module.__dict__
-    )
+    """Whether a hook is registered on ``module`` or its ``forward`` was replaced on the instance."""
+    return any(_hook_dicts(module)) or "forward" in module.__dict__
 
 
 def _has_global_hooks() -> bool:
