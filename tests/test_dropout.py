@@ -212,7 +212,8 @@ def test_cpu_mask_threshold_resolution():
     assert aten.cpu_mask_threshold(0.0) == -(2**15)  # p = 0 keeps every lane
 
 
-@pytest.mark.parametrize("M, K", [(1, 1), (3, 5), (4, 8), (7, 130)])
+# Both CPU draws: one bernoulli_ up to aten._BERNOULLI_MAX elements, 16-bit lanes above it.
+@pytest.mark.parametrize("M, K", [(1, 1), (3, 5), (4, 8), (7, 130), (17, 130), (40, 61), (64, 64)])
 def test_cpu_mask_deterministic_any_width(M, K):
     """Widths not a multiple of four lanes included: a pure function of (seed, M, K, p), in every float
     dtype the same bits, and independent of the thread count."""
@@ -229,3 +230,13 @@ def test_cpu_mask_deterministic_any_width(M, K):
     assert torch.equal(aten.cpu_keep_mask(seed, M, K, 0.3, torch.bfloat16).float(), ref)
     other = aten.cpu_keep_mask(torch.tensor([2**40 + 8]), M, K, 0.3)
     assert M * K < 16 or not torch.equal(other, ref)
+
+
+@pytest.mark.parametrize("M, K", [(32, 64), (1, 2049), (64, 64)])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cpu_mask_drop_rate_both_draws(M, K, p):
+    """Either side of the bernoulli/lanes switch the mask drops a fraction p (20 seeds: ≥ 40k draws, 5σ ≤ 0.012)."""
+    assert (M * K <= aten._BERNOULLI_MAX) == (M * K <= 2048)
+    masks = torch.stack([aten.cpu_keep_mask(torch.tensor([s]), M, K, p) for s in range(20)])
+    assert abs((1 - masks.mean().item()) - p) < 0.012
+    assert (masks[0] != masks[1]).any()

@@ -65,10 +65,14 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Ten
 
 
 _thread_state = threading.local()
-# The CPU mask compares 16-bit random lanes with a threshold: p is realised as round(p·2¹⁶)/2¹⁶, within
+# The CPU lanes mask compares 16-bit random lanes with a threshold: p is realised as round(p·2¹⁶)/2¹⁶, within
 # 2⁻¹⁷ (7.6e-6) of p — 2⁻¹⁶ resolution, where the kernels' hash has 2⁻³¹ (lorafast.dropout.mask_threshold).
 _LANE_BITS = 16
 _LANES = 64 // _LANE_BITS  # 16-bit lanes per int64 draw
+# At or below this many mask elements one ``bernoulli_`` (exact p) replaces the lanes' random_ + view + ge: at
+# tiny sizes each op is host cost. Whole fwd+bwd at p = 0.1, 1 thread, in a loop (two masks a step): 16×64
+# 146 vs 178 µs, 32×64 177 vs 194, 32×128 equal, 64×128 274 vs 240 (bernoulli_ is serial, ~5 ns an element).
+_BERNOULLI_MAX = 2048
 
 
 def cpu_mask_threshold(p: float) -> int:
@@ -80,10 +84,11 @@ def cpu_mask_threshold(p: float) -> int:
 def cpu_keep_mask(
     seed: torch.Tensor, M: int, K: int, p: float, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """The CPU aten strategy's (M, K) 0/1 keep-mask in ``dtype`` (a float dtype): each element keeps iff a
-    16-bit lane of 64-bit draws from a per-thread generator seeded with ``seed`` (an int64 CPU tensor of one
-    element) is ≥ :func:`cpu_mask_threshold`. A pure function of (seed, M, K, p), whatever the thread count
-    (the 64-bit draws are serial).
+    """The CPU aten strategy's (M, K) 0/1 keep-mask in ``dtype`` (a float dtype), drawn from a per-thread
+    generator seeded with ``seed`` (an int64 CPU tensor of one element): each element keeps iff a 16-bit lane
+    of 64-bit draws is ≥ :func:`cpu_mask_threshold`; up to ``_BERNOULLI_MAX`` elements, one ``bernoulli_(1 − p)``
+    instead (fewer ops). A pure function of (seed, M, K, p), whatever the dtype and thread count (both draws
+    are serial, or skip-ahead streams in MKL's bernoulli).
 
     Why this form (measured at 192×384, 1–2 threads on the 2-core CPU): a full-range int64 ``random_`` gives
     four mask elements per draw (63–90 µs, where ``uniform_`` + ``ge_`` costs 260–310 µs and PEFT's
@@ -96,6 +101,8 @@ def cpu_keep_mask(
     if gen is None:
         gen = _thread_state.generator = torch.Generator()
     gen.manual_seed(seed.item())  # one element (checked by the caller's contract); one call, not three
+    if M * K <= _BERNOULLI_MAX:
+        return torch.empty((M, K), dtype=dtype).bernoulli_(1.0 - p, generator=gen)
     words = -(-K // _LANES)  # int64 draws per row; a row's lanes past K are drawn and ignored
     lanes = torch.empty((M, words), dtype=torch.int64).random_(-(2**63), None, generator=gen).view(torch.int16)
     if words * _LANES != K:
