@@ -139,7 +139,8 @@ def forward(
     y = F.linear(x, weight, None if bias is None else as_dtype(bias, dtype))
     lora_in = as_dtype(x, ldt)  # an fp32 copy only for PEFT's precision (PEFT's own forward makes it too)
     if dropout_p > 0.0:
-        lora_in = lora_in * dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, ldt)
+        # In place into the fresh mask: no second M×K allocation.
+        lora_in = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, ldt).mul_(lora_in)
     h = rank_r_product(lora_in, as_dtype(lora_a, ldt).t())
     b_t = as_dtype(lora_b, ldt).t()
     if isinstance(scaling, torch.Tensor):
@@ -215,7 +216,7 @@ def backward(
     da = None
     if need_da:
         x_l = as_dtype(x, ldt)
-        lora_in = x_l if keep is None else x_l * keep
+        lora_in = x_l if keep is None else keep.mul_(x_l)  # keep's last use (dX read it above)
         da = as_dtype(scaled_mm(dh.t(), lora_in, s * inv_keep), acc)
     db_lora = None
     if need_db_lora:
