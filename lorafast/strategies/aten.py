@@ -92,8 +92,9 @@ def cpu_keep_mask(
 
     Why this form (measured at 192×384, 1–2 threads on the 2-core CPU): a full-range int64 ``random_`` gives
     four mask elements per draw (63–90 µs, where ``uniform_`` + ``ge_`` costs 260–310 µs and PEFT's
-    ``bernoulli_`` 470–620 µs), and ``torch.ge(..., out=float)`` writes the 0/1 floats in one pass (15 µs;
-    a bool ``ge`` then ``.float()`` costs 60–80 µs, and ``x * bool_mask`` takes torch's slow promotion path).
+    ``bernoulli_`` 470–620 µs), and ``torch.ge(..., out=float)`` writes the 0/1 floats in one op (15 µs hot; inside,
+    torch computes a bool result and copies it: 35–77 µs with cold caches, where a bool ``ge`` then ``.to(float)``
+    takes 100–120 µs), and ``x * bool_mask`` takes torch's slow promotion path.
     Not the kernels' hash (:func:`lorafast.dropout.keep_mask`): in eager torch ops it costs several times
     more. ``.item()`` on a CPU tensor is no device sync; the generator is made once per thread.
     """
