@@ -4,16 +4,21 @@
 transformers probes `import kernels` for the Hugging Face `kernels` distribution).
 """
 
+import re
+
 from setuptools import setup
+
+# One place for the version: lorafast/version.py (read, not imported: setup must not import torch).
+VERSION = re.search(r'__version__ = "([^"]+)"', open("lorafast/version.py", encoding="utf-8").read()).group(1)
 
 setup(
     name="lorafast",
-    version="0.1.0",
+    version=VERSION,
     description="Fused LoRA linear layers for PyTorch: Triton kernels, PEFT drop-in, benchmarks",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["lorafast", "lorafast.bench", "lorafast.strategies", "lorafast.kernels"],
+    packages=["lorafast", "lorafast.bench", "lorafast.peft", "lorafast.strategies", "lorafast.kernels"],
     package_dir={"lorafast": "lorafast", "lorafast.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={

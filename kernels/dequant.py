@@ -16,13 +16,13 @@ product and the offset into one FMA (which rounds once instead of twice and woul
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from lorafast.kernels.configs import EPILOGUE, gpu_configs, launch, m_bucket
+from lorafast.kernels.configs import EPILOGUE, launch, m_bucket
 from lorafast.kernels.dtypes import dot_precision
 from lorafast.kernels.lora_fwd import grouped_tile
 
@@ -208,36 +208,3 @@ def gemm_4bit(
         fp32=x.dtype == torch.float32,
     )
     return y
-
-
-def aot_entries(arch: int) -> List:
-    """Compile-gate entries for compute capability ``arch``: the dequant kernel (plain and nested absmax, bf16
-    output; fp16/fp32 outputs differ only in the final store) and the 4-bit GEMM (bf16 and fp32 x)."""
-    from lorafast.kernels.registry import AotEntry
-
-    entries = []
-    for nested in (False, True):
-        signature = {
-            "packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32",
-            "nested_code_ptr": "*fp32", "nested_absmax_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*i16",
-            "numel": "i32:16", "blocksize": "i32:16", "nested_blocksize": "i32:16",
-        }
-        name = "dequant_4bit[nested]" if nested else "dequant_4bit"
-        entries.append(AotEntry(name, dequant_4bit_kernel, signature, {"NESTED": nested, "OUT_BF16": True},
-                                gpu_configs(EPILOGUE, arch), False, arch, "bf16"))
-    # bf16 only: the fp32 variant (IEEE dots, a correctness path never offered by the dispatcher) spilled in the
-    # gate on the fp32 tables (8-24 B on sm_80).
-    for dtype in ("bf16",):
-        fp32 = dtype == "fp32"
-        signature = {
-            "x_ptr": f"*{dtype}", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
-            "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
-            "M": "i32:16", "N": "i32:16", "K": "i32:16", "M_BUCKET": "i32:16", "blocksize": "i32:16",
-            "stride_xm": "i32:16", "stride_ym": "i32:16",
-        }
-        constexprs = {"stride_xk": 1, "stride_yn": 1, "HAS_BIAS": True, "GROUP_M": 8,
-                      "DOT_PRECISION": "ieee" if fp32 else "tf32"}
-        # fp32: IEEE dots on FMA units (torch's default precision), so no tensor-core check there.
-        entries.append(AotEntry("gemm_4bit", gemm_4bit_kernel, signature, constexprs,
-                                gpu_configs(EPILOGUE, arch, fp32), not fp32, arch, dtype))
-    return entries

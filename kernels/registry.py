@@ -4,7 +4,7 @@ spills, with tensor-core (MFMA) instructions, without memory fences, with a chea
 grid that fills the GPU at the reference shapes.
 
 `aot_entries(arch)` is the full matrix (7 kernels × bf16/fp32 × rank blocks 16/32/64/128, plus the
-QLoRA dequant kernels of `lorafast.kernels.dequant` when that module exists); `aot_entries_ci(arch)`
+QLoRA kernels of `lorafast.kernels.dequant`); `aot_entries_ci(arch)`
 is the representative subset the default test suite compiles (see its docstring).
 """
 
@@ -13,12 +13,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 from unittest import mock
 
 from lorafast.kernels.configs import DX, EPILOGUE, GEMM, SKINNY, gpu_configs
+from lorafast.kernels.dequant import dequant_4bit_kernel, gemm_4bit_kernel
 from lorafast.kernels.lora_bwd import (
     dx_lora_add_kernel,
     dx_with_lora_epilogue_kernel,
@@ -210,23 +210,37 @@ def _entries(arch: Union[int, str], dtype: str, block_r: int) -> List[AotEntry]:
     return entries
 
 
-def _dequant_entries(arch: Union[int, str]) -> list:
-    """The QLoRA dequant kernels' entries, when `lorafast.kernels.dequant` exists (CUDA targets only)."""
+def _dequant_entries(arch: Union[int, str]) -> List[AotEntry]:
+    """The QLoRA kernels' entries for compute capability ``arch`` (CUDA targets only): the dequant kernel (plain
+    and nested absmax, bf16 output; fp16/fp32 outputs differ only in the final store) and the 4-bit GEMM."""
     if not isinstance(arch, int):
         return []
-    try:
-        # Imported here: dequant imports this module for AotEntry.
-        from lorafast.kernels import dequant
-    except ModuleNotFoundError as exc:
-        if exc.name in ("lorafast.kernels.dequant", "kernels.dequant"):
-            return []
-        warnings.warn(f"lorafast.kernels.dequant not compiled by the gate: {exc}", stacklevel=2)
-        return []
-    except ImportError as exc:
-        warnings.warn(f"lorafast.kernels.dequant not compiled by the gate: {exc}", stacklevel=2)
-        return []
-    entries = getattr(dequant, "aot_entries", None)
-    return list(entries(arch)) if entries is not None else []
+    entries = []
+    for nested in (False, True):
+        signature = {
+            "packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32",
+            "nested_code_ptr": "*fp32", "nested_absmax_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*i16",
+            "numel": "i32:16", "blocksize": "i32:16", "nested_blocksize": "i32:16",
+        }
+        name = "dequant_4bit[nested]" if nested else "dequant_4bit"
+        entries.append(AotEntry(name, dequant_4bit_kernel, signature, {"NESTED": nested, "OUT_BF16": True},
+                                gpu_configs(EPILOGUE, arch), False, arch, "bf16"))
+    # bf16 only: the fp32 variant (IEEE dots, a correctness path never offered by the dispatcher) spilled in the
+    # gate on the fp32 tables (8-24 B on sm_80).
+    for dtype in ("bf16",):
+        fp32 = dtype == "fp32"
+        signature = {
+            "x_ptr": f"*{dtype}", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
+            "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
+            "M": "i32:16", "N": "i32:16", "K": "i32:16", "M_BUCKET": "i32:16", "blocksize": "i32:16",
+            "stride_xm": "i32:16", "stride_ym": "i32:16",
+        }
+        constexprs = {"stride_xk": 1, "stride_yn": 1, "HAS_BIAS": True, "GROUP_M": 8,
+                      "DOT_PRECISION": "ieee" if fp32 else "tf32"}
+        # fp32: IEEE dots on FMA units (torch's default precision), so no tensor-core check there.
+        entries.append(AotEntry("gemm_4bit", gemm_4bit_kernel, signature, constexprs,
+                                gpu_configs(EPILOGUE, arch, fp32), not fp32, arch, dtype))
+    return entries
 
 
 def aot_entries(arch: Union[int, str]) -> List[AotEntry]:

@@ -16,8 +16,7 @@ from lorafast.dispatch import tune
 from lorafast.functional import lora_linear
 from lorafast.kernels.dtypes import set_adapter_precision
 from lorafast.modules import LoRALinear
-
-__version__ = "0.1.0"
+from lorafast.version import __version__
 
 
 def patch(model, **kwargs):

@@ -9,8 +9,9 @@ lorafast/torch/triton version triple, so a new process does not time again and a
 
 Never times while a CUDA graph is being captured or while torch.compile traces: there it takes the cached
 choice, else the caller's default (``cublas``). A corrupt or unwritable cache file is ignored with one warning
-(and rewritten on the next save). ``LORAFAST_STRATEGY`` overrides ``"auto"`` (see
-:func:`lorafast.strategies.resolve`). :func:`tune` pre-tunes a model's shapes with example inputs.
+(and rewritten on the next save). ``LORAFAST_STRATEGY`` overrides ``"auto"`` (see :func:`resolve`, the
+choice of a strategy for a call, which lives here so the strategies registry never imports the dispatcher).
+:func:`tune` pre-tunes a model's shapes with example inputs.
 
 Timing does not touch the default RNG (a fixed dropout seed, a constant dY), so whether a key was cached or timed
 never changes the dropout masks a training run draws — activation checkpointing replays the RNG and must see
@@ -31,7 +32,18 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-ENV_STRATEGY = "LORAFAST_STRATEGY"
+from lorafast import strategies, version
+from lorafast.strategies import (
+    ALIASES,
+    BACKENDS,
+    ENV_STRATEGY,
+    STRATEGIES,
+    interpreting,
+    triton_available,
+    triton_fallback,
+    warn_once,
+)
+
 ENV_CACHE_DIR = "LORAFAST_CACHE_DIR"
 # Warm-up runs absorb Triton's compile and autotune (seconds on the first call of a process, once), then the
 # median of TIMED_RUNS steps decides. Small: this runs inside the user's first training step.
@@ -119,6 +131,11 @@ class StrategyKey:
         return "|".join(f"{k}={v}" for k, v in asdict(self).items())
 
 
+# What `auto` runs when it must not time (torch.compile tracing, CUDA graph capture) and has no cached
+# choice: cuBLAS's base GEMMs are never slower than ours by much, and its LoRA side work is small.
+DEFAULT_CUDA = "cublas"
+
+
 # ---------------------------------------------------------------------------------------------------- cache
 
 _choices: Dict[StrategyKey, str] = {}
@@ -134,15 +151,13 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def _versions() -> str:
-    import lorafast
-
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    return f"lorafast{lorafast.__version__}-torch{torch.__version__}-triton{triton_version}"
+    return f"lorafast{version.__version__}-torch{torch.__version__}-triton{triton_version}"
 
 
 def cache_path() -> Path:
@@ -154,8 +169,6 @@ def cache_path() -> Path:
 
 def _read_file(path: Path) -> Dict[str, str]:
     """The file's {key string: strategy}; {} (one warning) when it is missing-but-expected, corrupt or unreadable."""
-    from lorafast.strategies import STRATEGIES
-
     try:
         text = path.read_text(encoding="utf-8")
     except (FileNotFoundError, NotADirectoryError):  # nothing cached yet (an unwritable dir warns on save)
@@ -315,8 +328,6 @@ def step_runner(
 ) -> MakeRun:
     """``make_run`` for :func:`select`: one forward (+ the needed backward) of a strategy on these inputs,
     outside autograd, with a fixed dropout seed and a constant dY (no draw from the default generator)."""
-    from lorafast import strategies
-
     def make_run(name: str) -> Runner:
         impl = strategies.get(name)
         seed = torch.full((1,), _TIMING_SEED, dtype=torch.int64, device=x2.device) if p > 0.0 else None
@@ -364,3 +375,68 @@ def _output_tensors(out) -> list:
     if isinstance(out, (list, tuple)):
         return [t for item in out for t in _output_tensors(item)]
     return []
+
+
+# ------------------------------------------------------------------------------------------ strategy choice
+
+def resolve(
+    backend: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    dropout_p: float,
+    needs: Tuple[bool, bool, bool, bool],
+    make_run: Optional[Callable[[str], Callable[[], object]]] = None,
+) -> str:
+    """The strategy to run for these inputs: a STRATEGIES name.
+
+    backend: "auto" or a strategy name/alias (validated by the caller). x: (M, K) 2-D.
+    needs: (need_dx, need_da, need_db_lora, need_dbias) — part of the tuning key.
+    make_run: for "auto" on CUDA, ``make_run(name)`` gives a closure running one step of strategy
+    ``name`` on these inputs, for the dispatcher to time (None: no timing; cached choice or default).
+
+    The environment variable LORAFAST_STRATEGY, when set, replaces "auto" (on CPU too).
+    Explicit Triton strategies need CUDA tensors, or CPU under TRITON_INTERPRET=1 (set before triton is
+    imported), else a ValueError. Valid inputs the kernels do not cover (fp64 or other dtypes, rank >
+    MAX_TRITON_RANK, deterministic mode on CUDA) run ``aten`` with a one-time warning.
+    """
+    name = ALIASES.get(backend, backend)
+    if name == "auto":
+        override = os.environ.get(ENV_STRATEGY)
+        if override:
+            name = _override(override)
+            backend = f"{override} (from {ENV_STRATEGY})"
+    if name == "aten":
+        return "aten"
+    if name == "auto":
+        if not x.is_cuda or not triton_available():
+            return "aten"
+        if triton_fallback(x, lora_a) is not None:
+            return "aten"
+        return _auto(x, weight, lora_a, dropout_p, needs, make_run)
+    if not x.is_cuda and not interpreting():
+        raise ValueError(
+            f"lora_linear: backend={backend!r} needs CUDA tensors, but x is on {x.device}; on CPU set "
+            "TRITON_INTERPRET=1 before importing triton (interpreter, slow) or use backend='aten'/'auto'"
+        )
+    if not triton_available():
+        raise ValueError(f"lora_linear: backend={backend!r} needs triton, which is not installed (pip install triton)")
+    reason = triton_fallback(x, lora_a)
+    if reason is not None:
+        warn_once(reason.split(" ")[0], f"lorafast: {reason}; running the 'aten' strategy instead of {name!r}")
+        return "aten"
+    return name
+
+
+def _override(value: str) -> str:
+    """The strategy named by LORAFAST_STRATEGY (which replaces every "auto"), or a ValueError naming it."""
+    name = ALIASES.get(value, value)
+    if name not in STRATEGIES and name != "auto":
+        raise ValueError(f"lorafast: {ENV_STRATEGY}={value!r} is not a strategy; expected one of {BACKENDS}")
+    return name
+
+
+def _auto(x, weight, lora_a, dropout_p, needs, make_run) -> str:
+    # fp32's IEEE dots run on FMA units in our GEMMs: the fused path is a correctness path there.
+    candidates = ("cublas", "aten") if x.dtype == torch.float32 else STRATEGIES
+    return select_call(x, weight, lora_a, dropout_p, needs, candidates, make_run, default=DEFAULT_CUDA)

@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from lorafast import ops, reference, strategies
+from lorafast import dispatch, ops, reference, strategies
 from lorafast.strategies.aten import accum_dtype
 from lorafast.validation import check_lora_linear_args
 
@@ -80,15 +80,13 @@ def op_scale(scaling: Union[float, torch.Tensor], scale: torch.Tensor, strategy:
 
 
 def choose_strategy(backend: str, x2, weight, bias, lora_a, lora_b, scale, p) -> str:
-    """The strategy for a call on the 2-D ``x2``: see :func:`lorafast.strategies.resolve`. The tuning
+    """The strategy for a call on the 2-D ``x2``: see :func:`lorafast.dispatch.resolve`. The tuning
     inputs (grad needs, the timing closure) are only built for "auto" on CUDA."""
     if backend != "auto" or not x2.is_cuda:
-        return strategies.resolve(backend, x2, weight, lora_a, p, (False,) * 4)
-    from lorafast import dispatch
-
+        return dispatch.resolve(backend, x2, weight, lora_a, p, (False,) * 4)
     needs = grad_needs(x2, weight, bias, lora_a, lora_b)
     make_run = dispatch.step_runner(x2, weight, bias, lora_a, lora_b, scale, p, needs)
-    return strategies.resolve(backend, x2, weight, lora_a, p, needs, make_run)
+    return dispatch.resolve(backend, x2, weight, lora_a, p, needs, make_run)
 
 
 def run(

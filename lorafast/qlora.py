@@ -1,14 +1,12 @@
-"""QLoRA: PEFT's bitsandbytes 4-bit LoRA layers (``peft.tuners.lora.bnb.Linear4bit``) on the fused path.
-
-:class:`FusedLoraLinear4bit` overrides only ``forward`` of PEFT's class and computes
+"""QLoRA: LoRA on a bitsandbytes 4-bit (NF4/FP4) base weight, fused.
 
     Y = x·dequant(W)ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ
 
-with one ``torch.autograd.Function`` (:class:`QLoraFunction`) that dequantizes the NF4/FP4 weight to a
-transient N×K buffer and hands it to a strategy of :mod:`lorafast.strategies` as ``weight`` (one place for
-the LoRA math). Backward dequantizes W again for dX: the dequantized weight is never saved; saved for
-backward are x, H (M×r fp32), the seed and the packed 4-bit storage with its quant-state tensors (already
-alive as the layer's parameter and buffers; N·K/2 bytes, no N×K tensor).
+One ``torch.autograd.Function`` (:class:`QLoraFunction`) dequantizes the 4-bit weight to a transient N×K buffer
+and hands it to a strategy of :mod:`lorafast.strategies` as ``weight`` (one place for the LoRA math). Backward
+dequantizes W again for dX: the dequantized weight is never saved; saved for backward are x, H (M×r fp32), the
+seed and the packed 4-bit storage with its quant-state tensors (already alive as the layer's parameter and
+buffers; N·K/2 bytes, no N×K tensor). The PEFT layer that calls it is :mod:`lorafast.peft.bnb`.
 
 Dequantization: on CPU ``bitsandbytes.functional.dequantize_4bit`` (bitsandbytes' reference); on CUDA, and
 on CPU under the Triton interpreter for an explicit Triton strategy, :func:`lorafast.kernels.dequant.
@@ -20,49 +18,23 @@ first inference forward (``packing_format_for_cpu``; the absmax changes shape an
 layout is dequantized too (with the bf16 absmax the repack stored), so training after a CPU evaluation
 stays fused; seen with bitsandbytes 0.50.2: its own forward on that layout raised "a view of a leaf
 Variable that requires grad is being used in an in-place operation" for an input requiring grad (a base
-with bias).
+with bias). A quant state that is missing or inconsistent (unknown quant_type, wrong absmax length, shape
+mismatch) is reported by :func:`read_quant_state` as :class:`Unsupported` — never a crash deep in a kernel.
 
-Numerics follow bitsandbytes' ``Linear4bit.forward``: x is cast to the layer's compute dtype (set from the
-first input as bitsandbytes does), the bias too, and the result is cast back to x's dtype. The LoRA branch
-runs in the compute dtype, with fp32 adapters read as fp32 (PEFT runs it in the adapter dtype: the same
-within the compute dtype's tolerance).
-
-Falls back to PEFT's forward (``super().forward``), quietly: disabled/merged adapters, ``adapter_names``,
-no active adapter, empty or meta inputs. With one warning per reason: LoRA variants (DoRA, ...), hooks,
-extra forward arguments, ``torch.autocast``, several active adapters with dropout, mismatched
-dtypes/devices, dropout p = 1, a base layer that is not exactly ``bnb.nn.Linear4bit``, and a quant state
-that is missing or inconsistent (unknown quant_type, wrong absmax length, shape mismatch) — never a crash
-deep in a kernel.
-
-Importing this module raises ImportError when bitsandbytes (or PEFT's bnb layers) is missing.
+Importing this module raises ImportError when bitsandbytes is missing.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 
 import bitsandbytes as bnb
 import torch
-from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
-from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from torch import nn
 
-from lorafast import functional, strategies
+from lorafast import dispatch, functional, strategies
 from lorafast.functional import _dropout_seed, scale_tensor
-from lorafast.peft import (
-    _BACKEND_ATTR,
-    _NAME_ATTR,
-    _Fallback,
-    _fold_lora_bias,
-    _has_global_hooks,
-    _has_hooks,
-    _report_fallback,
-    adapter_parts,
-)
-
-logger = logging.getLogger(__name__)
 
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -73,13 +45,13 @@ DEFAULT_CUDA = "cublas"
 # memory-bound: small M. Offered to the dispatcher up to this M (an unmeasured bound: no GPU has timed it).
 GEMM_4BIT = "gemm4bit"
 GEMM_4BIT_MAX_M = 512
-# Expected module states where PEFT's forward is the right thing: a debug log line, no warning.
-_QUIET_REASONS = frozenset(
-    {"adapters disabled", "adapters merged", "adapter_names mixed batch", "no active adapter on this layer",
-     "meta tensors", "empty input"}
-)
-# Forward keywords PEFT pops before calling the base layer (as lorafast.peft).
-_IGNORED_KWARGS = frozenset({"adapter_names", *VARIANT_KWARG_KEYS})
+
+
+class Unsupported(NamedTuple):
+    """Why a 4-bit weight's storage cannot be read by :func:`read_quant_state`."""
+
+    reason: str  # a fixed category
+    detail: str = ""  # the specifics
 
 
 class QuantSnapshot(NamedTuple):
@@ -112,58 +84,58 @@ class QuantSnapshot(NamedTuple):
                              nested_code=nested_code, offset=offset)
 
 
-def read_quant_state(base: nn.Module) -> Union[QuantSnapshot, _Fallback]:
+def read_quant_state(base: nn.Module) -> Union[QuantSnapshot, Unsupported]:
     """The 4-bit storage of a ``bnb.nn.Linear4bit``, checked for consistency, or why it cannot be used."""
     weight = base.weight
     state = getattr(weight, "quant_state", None)
     if state is None:
         state = getattr(base, "quant_state", None)
     if not isinstance(weight, bnb.nn.Params4bit) or state is None:
-        return _Fallback("4-bit weight without a quant state", type(weight).__name__)
+        return Unsupported("4-bit weight without a quant state", type(weight).__name__)
     quant_type = getattr(state, "quant_type", None)
     if quant_type not in QUANT_TYPES:
-        return _Fallback("unknown 4-bit quant_type", repr(quant_type))
+        return Unsupported("unknown 4-bit quant_type", repr(quant_type))
     N, K = base.out_features, base.in_features
     if getattr(state, "packing_format_for_cpu", False):
         return _cpu_packed_snapshot(weight, state, quant_type, N, K)
     shape = tuple(int(s) for s in getattr(state, "shape", ()) or ())
     if shape != (N, K):
-        return _Fallback("quant state shape differs from the layer", f"{shape} vs {(N, K)}")
+        return Unsupported("quant state shape differs from the layer", f"{shape} vs {(N, K)}")
     numel = N * K
     data = weight.data
     packed = data.reshape(-1) if data.dtype == torch.uint8 else data.reshape(-1).view(torch.uint8)
     if packed.numel() != (numel + 1) // 2 or not packed.is_contiguous():
-        return _Fallback("4-bit storage size differs from the layer", f"{packed.numel()} bytes for {N}×{K}")
+        return Unsupported("4-bit storage size differs from the layer", f"{packed.numel()} bytes for {N}×{K}")
     blocksize = int(getattr(state, "blocksize", 0) or 0)
     absmax, code = getattr(state, "absmax", None), getattr(state, "code", None)
     if blocksize <= 0 or absmax is None or code is None or code.numel() != 16:
-        return _Fallback("incomplete quant state (blocksize/absmax/code)")
+        return Unsupported("incomplete quant state (blocksize/absmax/code)")
     blocks = -(-numel // blocksize)
     if absmax.numel() != blocks:
-        return _Fallback("wrong absmax length", f"{absmax.numel()} entries, expected {blocks}")
+        return Unsupported("wrong absmax length", f"{absmax.numel()} entries, expected {blocks}")
     nested_absmax = nested_code = offset = None
     nested_blocksize = 256
     if getattr(state, "nested", False):
         state2 = getattr(state, "state2", None)
         offset = getattr(state, "offset", None)
         if state2 is None or offset is None or state2.absmax is None or state2.code is None:
-            return _Fallback("incomplete nested quant state (state2/offset)")
+            return Unsupported("incomplete nested quant state (state2/offset)")
         nested_blocksize = int(state2.blocksize)
         if absmax.dtype != torch.uint8 or state2.code.numel() != 256 or \
                 state2.absmax.numel() != -(-blocks // max(nested_blocksize, 1)):
-            return _Fallback("wrong nested absmax length", f"{state2.absmax.numel()} entries")
+            return Unsupported("wrong nested absmax length", f"{state2.absmax.numel()} entries")
         nested_absmax, nested_code = state2.absmax, state2.code
         offset = offset if isinstance(offset, torch.Tensor) else torch.tensor(float(offset), device=absmax.device)
     elif absmax.dtype != torch.float32:
-        return _Fallback("absmax is not float32", str(absmax.dtype))
+        return Unsupported("absmax is not float32", str(absmax.dtype))
     if getattr(state, "dtype", None) not in COMPUTE_DTYPES:
-        return _Fallback("quant state dtype is not fp16/bf16/fp32", str(getattr(state, "dtype", None)))
+        return Unsupported("quant state dtype is not fp16/bf16/fp32", str(getattr(state, "dtype", None)))
     return QuantSnapshot(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                          quant_type, (N, K), state.dtype)
 
 
 def _cpu_packed_snapshot(weight: nn.Parameter, state: Any, quant_type: str, N: int, K: int
-                         ) -> Union[QuantSnapshot, _Fallback]:
+                         ) -> Union[QuantSnapshot, Unsupported]:
     """The state bitsandbytes leaves after its CPU inference repack (``_convert_weight_packed_for_cpu``): data
     (N, K/2) uint8 in 32-row interleaved nibble order, absmax (K/blocksize, N) bf16, nesting undone."""
     data, absmax, code = weight.data, getattr(state, "absmax", None), getattr(state, "code", None)
@@ -171,7 +143,7 @@ def _cpu_packed_snapshot(weight: nn.Parameter, state: Any, quant_type: str, N: i
     if (data.dtype != torch.uint8 or tuple(data.shape) != (N, K // 2) or N % 32 or K % 2 or blocksize <= 0
             or K % blocksize or absmax is None or tuple(absmax.shape) != (K // blocksize, N) or code is None
             or code.numel() != 16 or not data.is_contiguous()):
-        return _Fallback("inconsistent bitsandbytes CPU-packed quant state (packing_format_for_cpu)",
+        return Unsupported("inconsistent bitsandbytes CPU-packed quant state (packing_format_for_cpu)",
                          f"data {tuple(data.shape)}, absmax {None if absmax is None else tuple(absmax.shape)}")
     return QuantSnapshot(data, absmax, code, None, None, None, blocksize, 256, quant_type, (N, K), torch.float32,
                          cpu_packed=True)
@@ -299,7 +271,9 @@ class QLoraFunction(torch.autograd.Function):
         )
 
 
-class _QCall(NamedTuple):
+class QLoraCall(NamedTuple):
+    """The arguments of one fused QLoRA call (checked by the caller, e.g. :mod:`lorafast.peft.bnb`)."""
+
     x: torch.Tensor  # (..., K) in the compute dtype
     out_dtype: torch.dtype
     bias: Optional[torch.Tensor]
@@ -310,101 +284,7 @@ class _QCall(NamedTuple):
     snap: QuantSnapshot
 
 
-class FusedLoraLinear4bit(PeftLinear4bit):
-    """PEFT's bnb ``Linear4bit`` LoRA layer whose forward runs the fused QLoRA op when it can.
-
-    Never constructed directly: ``lorafast.patch`` sets a PEFT layer's ``__class__`` to this. Shapes as PEFT:
-    x (..., in_features) → (..., out_features) in x's dtype.
-    """
-
-    def _get_name(self) -> str:
-        # repr / print(model) read exactly as PEFT's class.
-        return "Linear4bit"
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            # Inference (no_grad / inference_mode): nothing to fuse in backward, and bitsandbytes' own 4-bit
-            # inference kernels beat dequantizing all of W per call (bench --quant nf4, 2-core CPU, eval fwd:
-            # the fused path took 3.9x PEFT's time at 256x768->768 and 6.5x at 64x2048->2048). Quietly PEFT's.
-            return super().forward(x, *args, **kwargs)
-        call = self._fused_call(x, args, kwargs)
-        if isinstance(call, _Fallback):
-            _report(self, call)
-            return super().forward(x, *args, **kwargs)
-        return qlora_linear(call, getattr(self, _BACKEND_ATTR, "auto"))
-
-    def _fused_call(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Union[_Fallback, _QCall]:
-        """The fused op's arguments, equivalent to PEFT's forward on this input, or why there are none."""
-        if self.disable_adapters:
-            return _Fallback("adapters disabled")
-        if kwargs and kwargs.get("adapter_names") is not None:
-            return _Fallback("adapter_names mixed batch")
-        if self.merged:
-            return _Fallback("adapters merged")
-        parts = adapter_parts(self)
-        if isinstance(parts, _Fallback):
-            return parts
-        active, lora_a, lora_b, lora_biases, scalings, dropout_ps = parts
-        if args or (kwargs and not _IGNORED_KWARGS.issuperset(kwargs)):
-            extra = f"{len(args)} positional, keywords {sorted(set(kwargs) - _IGNORED_KWARGS)}"
-            return _Fallback("extra forward arguments", extra)
-        base = self._modules["base_layer"]
-        if type(base) is not bnb.nn.Linear4bit:
-            return _Fallback("base layer is not exactly bnb.nn.Linear4bit", type(base).__name__)
-        if _has_global_hooks() or _has_hooks(base):
-            return _Fallback("module hooks or a replaced forward")
-
-        device_type = x.device.type
-        if device_type == "meta":
-            return _Fallback("meta tensors")
-        if x.numel() == 0:
-            return _Fallback("empty input")
-        if not x.is_floating_point() or x.dtype not in COMPUTE_DTYPES:
-            return _Fallback("input is not fp16/bf16/fp32", f"{x.dtype}")
-        if torch.is_autocast_enabled(device_type):
-            return _Fallback("torch.autocast on a 4-bit base layer")
-        snap = read_quant_state(base)
-        if isinstance(snap, _Fallback):
-            return snap
-        if x.shape[-1] != snap.shape[1]:
-            return _Fallback("input features differ from the layer", f"{x.shape[-1]} vs {snap.shape[1]}")
-        device = snap.packed.device
-        if x.device != device or any(t.device != device for t in (*lora_a, *lora_b, *snap.tensors())):
-            return _Fallback("input, 4-bit weight and adapters not all on one device")
-        if not base.compute_type_is_set:  # what bitsandbytes' forward does on its first call
-            base.set_compute_type(x)
-            base.compute_type_is_set = True
-        compute_dtype = base.compute_dtype or x.dtype
-        if compute_dtype not in COMPUTE_DTYPES:
-            return _Fallback("compute dtype is not fp16/bf16/fp32", str(compute_dtype))
-        lora_dtype = lora_a[0].dtype
-        if any(t.dtype != lora_dtype for t in (*lora_a, *lora_b)):
-            return _Fallback("adapters differ in dtype")
-        if lora_dtype not in (compute_dtype, torch.float32):
-            return _Fallback("adapter dtype is neither the compute dtype nor float32", f"{lora_dtype}")
-        bias = base.bias
-        if bias is not None and bias.dtype != compute_dtype:
-            # bitsandbytes' forward converts the stored bias to the compute dtype (in place, once): do the same
-            # so the layer's state after a call is the one PEFT leaves.
-            bias.data = bias.data.to(compute_dtype)
-        bias = _fold_lora_bias(bias, lora_biases, scalings, compute_dtype)
-        if len(active) == 1:
-            lora_a_cat, lora_b_cat, scaling = lora_a[0], lora_b[0], scalings[0]
-        else:
-            lora_a_cat = torch.cat(lora_a, dim=0)
-            lora_b_cat = torch.cat([b * s for b, s in zip(lora_b, scalings)], dim=1)
-            scaling = 1.0
-        return _QCall(x.to(compute_dtype), x.dtype, bias, lora_a_cat, lora_b_cat, scaling, dropout_ps[0], snap)
-
-
-def _report(layer: nn.Module, fallback: _Fallback) -> None:
-    if fallback.reason in _QUIET_REASONS:
-        logger.debug("lorafast: %s runs PEFT's forward: %s", getattr(layer, _NAME_ATTR, None), fallback.reason)
-        return
-    _report_fallback(layer, fallback)
-
-
-def _grad_needs(call: _QCall) -> Tuple[bool, bool, bool, bool]:
+def _grad_needs(call: QLoraCall) -> Tuple[bool, bool, bool, bool]:
     if not torch.is_grad_enabled():
         return (False, False, False, False)
     bias = call.bias
@@ -412,7 +292,7 @@ def _grad_needs(call: _QCall) -> Tuple[bool, bool, bool, bool]:
             bias is not None and bias.requires_grad)
 
 
-def choose(backend: str, call: _QCall, x2: torch.Tensor, scale: torch.Tensor,
+def choose(backend: str, call: QLoraCall, x2: torch.Tensor, scale: torch.Tensor,
            needs: Tuple[bool, bool, bool, bool]) -> Tuple[str, bool]:
     """(QLoRA strategy, whether the Triton dequant kernel runs).
 
@@ -423,16 +303,16 @@ def choose(backend: str, call: _QCall, x2: torch.Tensor, scale: torch.Tensor,
     """
     snap = call.snap
     weight_like = torch.empty((snap.shape[0], 0), device="meta")  # only its N is read by resolve/dispatch
-    have_triton = strategies._triton_available()
+    have_triton = strategies.triton_available()
     if backend == GEMM_4BIT:  # explicit (tests; set as the layer's backend attribute)
-        strategies.resolve("cublas", x2, weight_like, call.lora_a, call.dropout_p, needs)  # device/triton checks
+        dispatch.resolve("cublas", x2, weight_like, call.lora_a, call.dropout_p, needs)  # device/triton checks
         return GEMM_4BIT, True
-    overridden = backend == "auto" and os.environ.get(getattr(strategies, "ENV_STRATEGY", "LORAFAST_STRATEGY"))
+    overridden = backend == "auto" and os.environ.get(strategies.ENV_STRATEGY)
     if backend == "auto" and not overridden and x2.is_cuda and have_triton and \
             strategies.triton_fallback(x2, call.lora_a) is None:
         return dispatch_strategy(x2, call, scale, needs), True
     # resolve applies LORAFAST_STRATEGY (which replaces "auto") and the device/dtype checks.
-    name = strategies.resolve(backend, x2, weight_like, call.lora_a, call.dropout_p, needs)
+    name = dispatch.resolve(backend, x2, weight_like, call.lora_a, call.dropout_p, needs)
     use_triton = have_triton and (x2.is_cuda or name in strategies.TRITON_STRATEGIES)
     return name, use_triton
 
@@ -447,18 +327,17 @@ def candidates_for(x2: torch.Tensor, snap: QuantSnapshot) -> Tuple[str, ...]:
     return candidates
 
 
-def dispatch_strategy(x2: torch.Tensor, call: _QCall, scale: torch.Tensor, needs: Tuple[bool, bool, bool, bool]) -> str:
+def dispatch_strategy(x2: torch.Tensor, call: QLoraCall, scale: torch.Tensor,
+                      needs: Tuple[bool, bool, bool, bool]) -> str:
     """The QLoRA strategy :func:`lorafast.dispatch.select` picks (timed once per key, cached) under the key op
     "nf4"/"fp4"; DEFAULT_CUDA when it must not time (compile tracing, graph capture)."""
-    from lorafast import dispatch
-
     weight_like = torch.empty((call.snap.shape[0], 0), device="meta")  # only N is read
     key = dispatch.StrategyKey.for_call(x2, weight_like, call.lora_a, call.dropout_p, *needs, op=call.snap.quant_type)
     return dispatch.select(key, candidates_for(x2, call.snap), _timing_run(x2, call, scale, needs),
                            default=DEFAULT_CUDA)
 
 
-def _timing_run(x2: torch.Tensor, call: _QCall, scale: torch.Tensor,
+def _timing_run(x2: torch.Tensor, call: QLoraCall, scale: torch.Tensor,
                 needs: Tuple[bool, bool, bool, bool]) -> Callable[[str], Callable[[], None]]:
     """``make_run`` for the dispatcher: one training step's work of a candidate — dequant, forward, and (when
     gradients are needed) dequant again and backward — outside autograd, with a fixed seed and a constant dY
@@ -484,8 +363,8 @@ def _timing_run(x2: torch.Tensor, call: _QCall, scale: torch.Tensor,
     return make_run
 
 
-def qlora_linear(call: _QCall, backend: str = "auto") -> torch.Tensor:
-    """Run the fused QLoRA op on checked arguments (see :meth:`FusedLoraLinear4bit._fused_call`).
+def qlora_linear(call: QLoraCall, backend: str = "auto") -> torch.Tensor:
+    """Run the fused QLoRA op on checked arguments (see :meth:`lorafast.peft.bnb.FusedLoraLinear4bit._fused_call`).
 
     Returns (*x.shape[:-1], N) in ``call.out_dtype``.
     """
@@ -509,7 +388,5 @@ def qlora_linear(call: _QCall, backend: str = "auto") -> torch.Tensor:
     return y if y.dtype == call.out_dtype else y.to(call.out_dtype)
 
 
-FUSED_CLASSES = {PeftLinear4bit: FusedLoraLinear4bit}
-
-__all__ = ["FUSED_CLASSES", "FusedLoraLinear4bit", "QLoraFunction", "QuantSnapshot", "dequantize",
-           "qlora_linear", "read_quant_state"]
+__all__ = ["QLoraCall", "QLoraFunction", "QuantSnapshot", "Unsupported", "dequantize", "qlora_linear",
+           "read_quant_state"]

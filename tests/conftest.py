@@ -39,23 +39,23 @@ def pytest_collection_modifyitems(config, items):
 def op_calls(monkeypatch):
     """Counts the fused op's calls made by lorafast.peft (to tell a fused forward from a fallback): a list that
     gets each call's backend."""
-    import lorafast.peft as lfpeft
+    import lorafast.peft.linear as lfpeft
 
     calls = []
-    real = lfpeft._fused_forward
+    real = lfpeft.fused_forward
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("backend"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lfpeft, "_fused_forward", counting)
+    monkeypatch.setattr(lfpeft, "fused_forward", counting)
     return calls
 
 
 @pytest.fixture
 def fresh_fallback_log(monkeypatch):
     """lorafast.peft's once-per-process fallback warnings and log lines, reset for one test."""
-    import lorafast.peft as lfpeft
+    from lorafast.peft import core
 
-    monkeypatch.setattr(lfpeft, "_warned_reasons", set())
-    monkeypatch.setattr(lfpeft, "_logged_layer_reasons", set())
+    monkeypatch.setattr(core, "_warned_reasons", set())
+    monkeypatch.setattr(core, "_logged_layer_reasons", set())

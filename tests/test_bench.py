@@ -379,7 +379,7 @@ def test_quant_nf4_errors_are_against_the_dequantized_weight():
     assert bench.relative_error(quant.dequantized_weight(layer), inputs.weight) > 1e-2
     fused = rows[("lorafast", 0.0, "fwd+bwd")]
     try:
-        from lorafast.qlora import FUSED_CLASSES
+        from lorafast.peft.bnb import FUSED_CLASSES
     except ImportError:
         FUSED_CLASSES = {}
     fused_names = {f"{c.__module__}.{c.__qualname__}" for c in FUSED_CLASSES.values()}

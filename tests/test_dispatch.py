@@ -130,7 +130,7 @@ def test_a_new_process_reads_the_disk_cache(cache_dir):
 
 def test_versions_are_part_of_the_file_name(cache_dir, monkeypatch):
     first = dispatch.cache_path()
-    monkeypatch.setattr(lorafast, "__version__", "9.9.9")
+    monkeypatch.setattr(lorafast.version, "__version__", "9.9.9")
     assert dispatch.cache_path() != first and "9.9.9" in dispatch.cache_path().name
 
 
@@ -230,7 +230,7 @@ def test_auto_candidates_exclude_fused_for_fp32(cache_dir):
     key, make_run = _problem()
     x = torch.randn(8, 40)
     w, a = torch.randn(36, 40), torch.randn(4, 40)
-    assert strategies._auto(x, w, a, 0.0, (True,) * 4, make_run) == "aten"
+    assert dispatch._auto(x, w, a, 0.0, (True,) * 4, make_run) == "aten"
     assert "fused" not in timer.calls
 
 
@@ -240,8 +240,8 @@ def test_env_override_wins_over_auto(cache_dir, monkeypatch, value, expected):
     monkeypatch.setenv(strategies.ENV_STRATEGY, value)
     dispatch.set_timer(FakeTimer({}))  # any timing would KeyError
     x, w, a = torch.randn(8, 40, device=DEVICE), torch.randn(36, 40, device=DEVICE), torch.randn(4, 40, device=DEVICE)
-    assert strategies.resolve("auto", x, w, a, 0.0, (True,) * 4) == expected
-    assert strategies.resolve("aten", x, w, a, 0.0, (True,) * 4) == "aten", "explicit backends are not overridden"
+    assert dispatch.resolve("auto", x, w, a, 0.0, (True,) * 4) == expected
+    assert dispatch.resolve("aten", x, w, a, 0.0, (True,) * 4) == "aten", "explicit backends are not overridden"
 
 
 def test_env_override_with_a_bad_name_is_one_clear_error(cache_dir, monkeypatch):
@@ -274,7 +274,7 @@ def _recording(fn, calls):
 def test_tune_times_each_call_of_a_model_and_restores_grads(cache_dir, monkeypatch):
     """tune() runs forward + backward once so every key is chosen up front. On CPU "auto" never times, so route
     "auto" through the dispatcher here (as it is on CUDA) with a fake timer."""
-    real_resolve = strategies.resolve
+    real_resolve = dispatch.resolve
 
     def resolve_as_on_cuda(backend, x, weight, lora_a, dropout_p, needs, make_run=None):
         if backend != "auto":
@@ -282,7 +282,7 @@ def test_tune_times_each_call_of_a_model_and_restores_grads(cache_dir, monkeypat
         key = dispatch.StrategyKey.for_call(x, weight, lora_a, dropout_p, *needs)
         return dispatch.select(key, ("cublas", "aten"), make_run, default="cublas")
 
-    monkeypatch.setattr(strategies, "resolve", resolve_as_on_cuda)
+    monkeypatch.setattr(dispatch, "resolve", resolve_as_on_cuda)
     monkeypatch.setattr(lorafast.functional, "choose_strategy", _choose_always_timing)
     timer = FakeTimer({"cublas": 2.0, "aten": 1.0})
     dispatch.set_timer(timer)
@@ -301,7 +301,7 @@ def _choose_always_timing(backend, x2, weight, bias, lora_a, lora_b, scale, p):
 
     needs = grad_needs(x2, weight, bias, lora_a, lora_b)
     make_run = dispatch.step_runner(x2, weight, bias, lora_a, lora_b, scale, p, needs)
-    return strategies.resolve(backend, x2, weight, lora_a, p, needs, make_run)
+    return dispatch.resolve(backend, x2, weight, lora_a, p, needs, make_run)
 
 
 @pytest.mark.gpu

@@ -63,7 +63,7 @@ def test_main_quant_nf4_runs_both_impls(example, monkeypatch, capsys):
 
 def test_build_model_patches_qlora_layers(example):
     pytest.importorskip("bitsandbytes")
-    from lorafast.qlora import FusedLoraLinear4bit
+    from lorafast.peft.bnb import FusedLoraLinear4bit
 
     args = example.parse_args(["--quant", "nf4", "--device", "cpu"])
     model = example.build_model(example.bundled_model_dir(), 2, 4, 8, args, "lorafast")

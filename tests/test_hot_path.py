@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from utils import rel_err
 
 import lorafast
-import lorafast.peft as lfpeft
+import lorafast.peft.linear as lfpeft
 from lorafast.dropout import keep_mask
 from lorafast.strategies import aten
 

@@ -1,10 +1,12 @@
-"""kernels/ is lorafast.kernels only: run from a checkout (root on sys.path), a top-level
-`import kernels` must not pass our folder off as the Hugging Face `kernels` distribution."""
+"""Packaging: kernels/ is lorafast.kernels only (run from a checkout, root on sys.path, a top-level
+`import kernels` must not pass our folder off as the Hugging Face `kernels` distribution), and no import cycles."""
 
 import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,3 +62,76 @@ def test_cpu_user_without_triton_can_import_and_train():
         model(torch.randn(3, 16)).sum().backward()
     """
     assert run_from_checkout(code).splitlines()[-1] == "1 False"
+
+
+def _module_imports(include_lazy: bool) -> dict:
+    """lorafast's modules (kernels/ as lorafast.kernels) → the lorafast modules each imports (top-level only, or
+    every import statement, lazy ones in functions included). ``from pkg import sub`` counts as ``pkg.sub``."""
+    import ast
+
+    paths = {}
+    for folder, prefix in (("lorafast", ""), ("kernels", "lorafast.")):
+        for root, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in files:
+                if name.endswith(".py"):
+                    rel = os.path.relpath(os.path.join(root, name), ROOT)[:-3].replace(os.sep, ".")
+                    module = prefix + rel
+                    paths[module[: -len(".__init__")] if module.endswith(".__init__") else module] = os.path.join(
+                        root, name)
+    graph = {}
+    for module, path in paths.items():
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        found = set()
+        for node in ast.walk(tree) if include_lazy else tree.body:
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name in paths)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                subs = {f"{node.module}.{a.name}" for a in node.names} & paths.keys()
+                found |= subs
+                if len(subs) < len(node.names) and node.module in paths:
+                    found.add(node.module)
+        graph[module] = found - {module}
+    return graph
+
+
+def _cycles(graph: dict) -> list:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+@pytest.mark.parametrize("include_lazy", [False, True], ids=["top-level", "with-lazy-imports"])
+def test_no_import_cycles(include_lazy):
+    """No module of the package imports (even lazily) a module that imports it back: the PEFT glue's core knows
+    no layer kind, the strategies registry does not import the dispatcher, kernels do not import the gate."""
+    assert _cycles(_module_imports(include_lazy)) == []
+
+
+def test_cycle_finder_can_fail():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]

@@ -19,6 +19,7 @@ from utils import assert_close  # noqa: E402
 import lorafast  # noqa: E402
 import lorafast.dropout  # noqa: E402
 from lorafast import functional, qlora, reference  # noqa: E402
+from lorafast.peft import bnb as peft_bnb  # noqa: E402
 from lorafast.strategies import aten  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +57,7 @@ def make_pair(K=100, N=48, r=4, dropout=0.0, bias="none", adapter_dtype=torch.fl
     fused_model = copy.deepcopy(peft_model)
     assert lorafast.patch(fused_model, backend="aten") == 1
     layer = fused_model.base_model.model.proj
-    assert type(layer) is qlora.FusedLoraLinear4bit
+    assert type(layer) is peft_bnb.FusedLoraLinear4bit
     return peft_model, fused_model, peft_model.base_model.model.proj, layer
 
 
@@ -417,7 +418,7 @@ def test_qlora_llama_trains_saves_and_loads_in_vanilla_peft(tmp_path):
             # Kept in training mode so bitsandbytes does not repack the weight for CPU inference (bf16 absmax:
             # other numbers); the 4-bit base layer has no other train/eval behaviour.
             module.train()
-    assert not any(type(m) is qlora.FusedLoraLinear4bit for m in vanilla.modules())
+    assert not any(type(m) is peft_bnb.FusedLoraLinear4bit for m in vanilla.modules())
     with torch.no_grad():
         logits_vanilla = vanilla(input_ids=ids).logits
     assert_close(logits, logits_vanilla.double(), torch.float32, what="logits")
@@ -486,7 +487,7 @@ def fake_dispatch(tmp_path, monkeypatch):
 
 def _call_for(layer, x):
     call = layer._fused_call(x, (), {})
-    assert isinstance(call, qlora._QCall)
+    assert isinstance(call, qlora.QLoraCall)
     x2 = call.x.reshape(-1, x.shape[-1])
     return call, x2, functional.scale_tensor(call.scaling, x2)
 

@@ -54,10 +54,10 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
 
 
 def test_auto_is_aten_on_cpu():
-    from lorafast import strategies
+    from lorafast import dispatch
 
     x = torch.randn(2, 2)
-    assert strategies.resolve("auto", x, x, x, 0.0, (True,) * 4) == "aten"
+    assert dispatch.resolve("auto", x, x, x, 0.0, (True,) * 4) == "aten"
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),

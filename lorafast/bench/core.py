@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import lorafast
-from lorafast import roofline, strategies
+from lorafast import dispatch, roofline, strategies
 from lorafast.bench.checks import TOLERANCE, check_implementation, gpu_peak_bytes, passes, saved_bytes
 from lorafast.bench.host import HostConfig, measure_host
 from lorafast.bench.impls import (
@@ -167,7 +167,7 @@ def _adapter_precision() -> Optional[str]:
 def _resolved_backend(config: BenchConfig) -> str:
     try:
         probe = torch.empty(1, 1, device=config.device, dtype=config.dtype)
-        return strategies.resolve(config.backend, probe, probe, probe, 0.0, (False,) * 4)
+        return dispatch.resolve(config.backend, probe, probe, probe, 0.0, (False,) * 4)
     except Exception as exc:  # reported, not fatal: the bench's own calls will raise if it matters
         return f"unknown ({exc})"
 
@@ -178,7 +178,7 @@ def strategy_ran(backend: str, inputs: LoRAInputs, dropout_p: float, mode: str) 
     needs = (True, True, True, False) if mode == "fwd+bwd" else (False,) * 4
     p = dropout_p if mode == "fwd+bwd" else 0.0
     try:
-        return strategies.resolve(backend, inputs.x, inputs.weight, inputs.lora_a, p, needs)
+        return dispatch.resolve(backend, inputs.x, inputs.weight, inputs.lora_a, p, needs)
     except Exception:  # e.g. an explicit Triton strategy on a CPU without the interpreter
         return None
 

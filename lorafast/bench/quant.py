@@ -6,7 +6,7 @@ the LoRA path, not the quantization.
 The PEFT layer is built the way PEFT builds it for a 4-bit model: a ``bnb.nn.Linear4bit`` (``Params4bit``,
 nf4, compute dtype = the activation dtype) in a one-layer module marked ``is_loaded_in_4bit``, adapters
 injected by PEFT. The ``lorafast`` row is a second, identical layer after ``lorafast.patch``: when patch
-leaves it on PEFT's forward (no fused class for ``lora.bnb.Linear4bit`` in ``lorafast.qlora``), the row is
+leaves it on PEFT's forward (no fused class for ``lora.bnb.Linear4bit`` in ``lorafast.peft.bnb``), the row is
 labelled "not fused" and is PEFT's own forward. ``base`` is the ``Linear4bit`` alone (the floor).
 
 Whether a patched layer really ran lorafast's path is checked per mode by :func:`runs_fused` (it may fall

@@ -11,8 +11,10 @@ and the seed; the dropout mask regenerated, never stored; the same mask bits on 
 - ``cublas``: cuBLAS base GEMMs + Triton LoRA side kernels.
 - ``aten``: plain PyTorch ops (CPU default; GPU-safe fallback).
 
-``backend="auto"`` runs ``aten`` on CPU and, on CUDA, the fastest candidate measured on the user's GPU
-(:mod:`lorafast.dispatch`). ``"triton"`` and ``"torch"`` are kept as aliases of ``"fused"`` and ``"aten"``.
+``backend="auto"`` runs ``aten`` on CPU and, on CUDA, the fastest candidate measured on the user's GPU; the
+choice between strategies (:func:`lorafast.dispatch.resolve`) lives in :mod:`lorafast.dispatch`, which imports
+this registry (never the other way round). ``"triton"`` and ``"torch"`` are kept as aliases of ``"fused"``
+and ``"aten"``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import importlib
 import os
 import warnings
 from types import ModuleType
-from typing import Callable, Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -33,9 +35,6 @@ TRITON_STRATEGIES = ("fused", "cublas")
 # crowd out the GEMM's, so larger ranks run `aten` (unmeasured bound, see KERNELS.md).
 MAX_TRITON_RANK = 128
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# What `auto` runs when it must not time (torch.compile tracing, CUDA graph capture) and has no cached
-# choice: cuBLAS's base GEMMs are never slower than ours by much, and its LoRA side work is small.
-DEFAULT_CUDA = "cublas"
 # Replaces backend="auto" everywhere (e.g. LORAFAST_STRATEGY=aten to rule our kernels out of a run).
 ENV_STRATEGY = "LORAFAST_STRATEGY"
 
@@ -61,7 +60,8 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=4)
 
 
-def _triton_available() -> bool:
+def triton_available() -> bool:
+    """Whether triton can be imported."""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -69,7 +69,8 @@ def _triton_available() -> bool:
     return True
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -82,68 +83,3 @@ def triton_fallback(x: torch.Tensor, lora_a: torch.Tensor) -> Optional[str]:
     if x.is_cuda and torch.are_deterministic_algorithms_enabled():
         return "torch.use_deterministic_algorithms is on and the Triton kernels sum partial results with atomics"
     return None
-
-
-def resolve(
-    backend: str,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    lora_a: torch.Tensor,
-    dropout_p: float,
-    needs: Tuple[bool, bool, bool, bool],
-    make_run: Optional[Callable[[str], Callable[[], object]]] = None,
-) -> str:
-    """The strategy to run for these inputs: a STRATEGIES name.
-
-    backend: "auto" or a strategy name/alias (validated by the caller). x: (M, K) 2-D.
-    needs: (need_dx, need_da, need_db_lora, need_dbias) — part of the tuning key.
-    make_run: for "auto" on CUDA, ``make_run(name)`` gives a closure running one step of strategy
-    ``name`` on these inputs, for the dispatcher to time (None: no timing; cached choice or default).
-
-    The environment variable LORAFAST_STRATEGY, when set, replaces "auto" (on CPU too).
-    Explicit Triton strategies need CUDA tensors, or CPU under TRITON_INTERPRET=1 (set before triton is
-    imported), else a ValueError. Valid inputs the kernels do not cover (fp64 or other dtypes, rank >
-    MAX_TRITON_RANK, deterministic mode on CUDA) run ``aten`` with a one-time warning.
-    """
-    name = ALIASES.get(backend, backend)
-    if name == "auto":
-        override = os.environ.get(ENV_STRATEGY)
-        if override:
-            name = _override(override)
-            backend = f"{override} (from {ENV_STRATEGY})"
-    if name == "aten":
-        return "aten"
-    if name == "auto":
-        if not x.is_cuda or not _triton_available():
-            return "aten"
-        if triton_fallback(x, lora_a) is not None:
-            return "aten"
-        return _auto(x, weight, lora_a, dropout_p, needs, make_run)
-    if not x.is_cuda and not _interpreting():
-        raise ValueError(
-            f"lora_linear: backend={backend!r} needs CUDA tensors, but x is on {x.device}; on CPU set "
-            "TRITON_INTERPRET=1 before importing triton (interpreter, slow) or use backend='aten'/'auto'"
-        )
-    if not _triton_available():
-        raise ValueError(f"lora_linear: backend={backend!r} needs triton, which is not installed (pip install triton)")
-    reason = triton_fallback(x, lora_a)
-    if reason is not None:
-        warn_once(reason.split(" ")[0], f"lorafast: {reason}; running the 'aten' strategy instead of {name!r}")
-        return "aten"
-    return name
-
-
-def _override(value: str) -> str:
-    """The strategy named by LORAFAST_STRATEGY (which replaces every "auto"), or a ValueError naming it."""
-    name = ALIASES.get(value, value)
-    if name not in STRATEGIES and name != "auto":
-        raise ValueError(f"lorafast: {ENV_STRATEGY}={value!r} is not a strategy; expected one of {BACKENDS}")
-    return name
-
-
-def _auto(x, weight, lora_a, dropout_p, needs, make_run) -> str:
-    from lorafast import dispatch
-
-    # fp32's IEEE dots run on FMA units in our GEMMs: the fused path is a correctness path there.
-    candidates = ("cublas", "aten") if x.dtype == torch.float32 else STRATEGIES
-    return dispatch.select_call(x, weight, lora_a, dropout_p, needs, candidates, make_run, default=DEFAULT_CUDA)

@@ -113,20 +113,20 @@ def assert_same_tensors(actual: Dict[str, torch.Tensor], expected: Dict[str, tor
 def count_fused_calls() -> Iterator[List[Optional[str]]]:
     """Records the backend of every fused op call lorafast.peft makes (eager only: dynamo would trace the
     wrapper); an empty list afterwards means every patched layer fell back to PEFT."""
-    import lorafast.peft as lfpeft
+    import lorafast.peft.linear as lfpeft
 
     calls: List[Optional[str]] = []
-    real = lfpeft._fused_forward
+    real = lfpeft.fused_forward
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("backend"))
         return real(*args, **kwargs)
 
-    lfpeft._fused_forward = counting
+    lfpeft.fused_forward = counting
     try:
         yield calls
     finally:
-        lfpeft._fused_forward = real
+        lfpeft.fused_forward = real
 
 
 def fused_op_count(graph_module: torch.fx.GraphModule) -> int:

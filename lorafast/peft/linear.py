@@ -1,10 +1,9 @@
-"""PEFT drop-in: run PEFT's LoRA ``Linear`` layers through :func:`lorafast.lora_linear`.
+"""PEFT's plain LoRA ``Linear`` (``peft.tuners.lora.layer.Linear``) on the fused op.
 
-``patch(model)`` changes the class of every plain ``peft.tuners.lora.layer.Linear`` in place to
-:class:`FusedLoraLinear`, a subclass that overrides only ``forward`` (and the name it prints as).
-Parameters, buffers, submodules, state_dict keys, saved adapter files and merge/unload behaviour are
-PEFT's own; ``unpatch`` restores the class. Whatever the fused op does not cover falls back to PEFT's
-``forward`` (``super().forward``), so results always match PEFT.
+:class:`FusedLoraLinear` is a subclass that overrides only ``forward`` (and the name it prints as);
+:func:`lorafast.peft.patch` sets a layer's ``__class__`` to it. Parameters, buffers, submodules, state_dict
+keys, saved adapter files and merge/unload behaviour are PEFT's own. Whatever the fused op does not cover
+falls back to PEFT's ``forward`` (``super().forward``), so results always match PEFT.
 
 Each layer plans once per module state (which path, dropout p, autocast casts, validated arguments) and
 re-plans when a fingerprint of that state changes (set_adapter, add/delete, merge, enable/disable,
@@ -32,46 +31,34 @@ adapter dtypes, adapters narrower than the input outside autocast (e.g. bf16 ada
 
 from __future__ import annotations
 
-import functools
-import logging
-import operator
-import warnings
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
-from peft import LoraConfig
-from peft.tuners.lora.layer import VARIANT_KWARG_KEYS, LoraLayer, dispatch_default
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from torch.nn.modules import module as _torch_module
 
 from lorafast import functional
 from lorafast.functional import autocast_inputs, lora_linear, op_scale, scale_tensor
-from lorafast.strategies import BACKENDS
+from lorafast.peft.core import (
+    BACKEND_ATTR,
+    PLAN_ATTR,
+    Fallback,
+    adapter_names,
+    adapter_parts,
+    call_fallback,
+    fold_lora_bias,
+    has_global_hooks,
+    has_hooks,
+    hook_dicts,
+    hooked,
+    report_fallback,
+    tensor_meta,
+    tensor_meta_c,
+)
 from lorafast.validation import check_lora_linear_args
 
-logger = logging.getLogger(__name__)
 # Autocast casts these (not float64) to its dtype for linear layers.
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Plain attributes (not parameters/buffers/submodules, so PEFT never sees them as adapter state).
-_BACKEND_ATTR = "_lorafast_backend"
-_NAME_ATTR = "_lorafast_name"
-_PLAN_ATTR = "_lorafast_plan"
-# Module states where PEFT's forward is already only the base layer (or per-sample): not worth a warning.
-_QUIET_REASONS = frozenset(
-    {"adapters disabled", "adapters merged", "adapter_names mixed batch", "no active adapter on this layer",
-     "meta tensors"}
-)
-# Forward keywords PEFT pops before calling the base layer (only LoRA variants read the second kind).
-_IGNORED_KWARGS = frozenset({"adapter_names", *VARIANT_KWARG_KEYS})
-_warned_reasons: set[str] = set()
-_logged_layer_reasons: set[tuple[str, str]] = set()
-
-
-class _Fallback(NamedTuple):
-    reason: str  # a fixed category: warned once per process
-    detail: str = ""  # layer-specific specifics for the log line
 
 
 class _Plan(NamedTuple):
@@ -79,7 +66,7 @@ class _Plan(NamedTuple):
     or run the op on tensors read from the held modules per call (never a cached derived tensor)."""
 
     key: tuple  # the state it was made for
-    fallback: Optional[_Fallback]
+    fallback: Optional[Fallback]
     names: tuple = ()  # active adapters present on this layer
     dropout_p: float = 0.0
     autocast_device: Optional[str] = None  # device type whose autocast the op runs under (then turned off)
@@ -118,19 +105,19 @@ class FusedLoraLinear(PeftLoraLinear):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args or kwargs:
-            fallback = self._call_fallback(args, kwargs)
+            fallback = call_fallback(args, kwargs)
             if fallback is not None:
-                _report_fallback(self, fallback)
+                report_fallback(self, fallback)
                 return super().forward(x, *args, **kwargs)
         key = self._plan_key(x)
-        plan = self.__dict__.get(_PLAN_ATTR)
+        plan = self.__dict__.get(PLAN_ATTR)
         # Equal keys mean the same module objects, so the plan's held hook dicts are theirs: a hook added or
         # removed since planning changes what this reads (one C-level any() over them, not attribute walks).
-        if plan is None or plan.key != key or _hooked(plan) is not plan.hooked:
+        if plan is None or plan.key != key or _plan_hooked(plan) is not plan.hooked:
             plan = self._with_hook_state(self._make_plan(x, key))
-            self.__dict__[_PLAN_ATTR] = plan
+            self.__dict__[PLAN_ATTR] = plan
         if plan.fallback is not None:
-            _report_fallback(self, plan.fallback)
+            report_fallback(self, plan.fallback)
             return super().forward(x, *args, **kwargs)
         return self._run_plan(plan, x)
 
@@ -140,22 +127,13 @@ class FusedLoraLinear(PeftLoraLinear):
         modules = self._modules
         held = [modules["base_layer"]]
         lora_A, lora_B, dropouts = (modules[n]._modules for n in ("lora_A", "lora_B", "lora_dropout"))
-        for name in _adapter_names(self._active_adapter):
+        for name in adapter_names(self._active_adapter):
             if name in lora_A:
                 held += (lora_A[name], lora_B[name], dropouts[name])
         plan = plan._replace(
-            hook_dicts=tuple(d for m in held for d in _hook_dicts(m)), module_dicts=tuple(m.__dict__ for m in held)
+            hook_dicts=tuple(d for m in held for d in hook_dicts(m)), module_dicts=tuple(m.__dict__ for m in held)
         )
-        return plan._replace(hooked=_hooked(plan))
-
-    def _call_fallback(self, args: tuple, kwargs: dict) -> Optional[_Fallback]:
-        """Why this call's extra arguments need PEFT's forward, or None (keywords PEFT only pops)."""
-        if kwargs.get("adapter_names") is not None:
-            return _Fallback("adapter_names mixed batch")
-        if args or not _IGNORED_KWARGS.issuperset(kwargs):
-            extra = f"{len(args)} positional, keywords {sorted(set(kwargs) - _IGNORED_KWARGS)}"
-            return _Fallback("extra forward arguments", extra)
-        return None
+        return plan._replace(hooked=_plan_hooked(plan))
 
     def _plan_key(self, x: torch.Tensor) -> tuple:
         """Everything :meth:`_make_plan` reads, cheaply (µs): the plan is valid while this stays equal.
@@ -168,10 +146,10 @@ class FusedLoraLinear(PeftLoraLinear):
         ``attrgetter`` (eager), and hooks are not in it: ``forward`` checks the plan's held hook dicts.
         """
         d = self.__dict__
-        meta = _tensor_meta if torch.compiler.is_compiling() else _tensor_meta_c
+        meta = tensor_meta if torch.compiler.is_compiling() else tensor_meta_c
         modules = d["_modules"]
         base = modules["base_layer"]
-        names = _adapter_names(d["_active_adapter"])
+        names = adapter_names(d["_active_adapter"])
         device = x.device
         autocast = device.type != "meta" and torch.is_autocast_enabled(device.type)
         params = base._parameters
@@ -208,7 +186,7 @@ class FusedLoraLinear(PeftLoraLinear):
         stays fixed while ``key`` does (PEFT's own checks, dtypes, devices, the op's shape rules)."""
 
         def fallback(reason: str, detail: str = "") -> _Plan:
-            return _Plan(key, _Fallback(reason, detail))
+            return _Plan(key, Fallback(reason, detail))
 
         if self.disable_adapters:
             return fallback("adapters disabled")
@@ -216,7 +194,7 @@ class FusedLoraLinear(PeftLoraLinear):
             return fallback("adapters merged")
         modules = self._modules
         parts = adapter_parts(self)
-        if isinstance(parts, _Fallback):
+        if isinstance(parts, Fallback):
             return _Plan(key, parts)
         active, lora_a, lora_b, lora_biases, scalings, dropout_ps = parts
         base = modules["base_layer"]
@@ -224,7 +202,7 @@ class FusedLoraLinear(PeftLoraLinear):
             return fallback("base layer is not a plain nn.Linear", type(base).__name__)
         if self.fan_in_fan_out:
             return fallback("fan_in_fan_out")
-        if _has_global_hooks() or _has_hooks(base):
+        if has_global_hooks() or has_hooks(base):
             return fallback("module hooks or a replaced forward")
 
         device_type = x.device.type
@@ -259,7 +237,7 @@ class FusedLoraLinear(PeftLoraLinear):
             weight.to(compute_dtype) if autocast else weight,
             None if bias is None else (bias.to(compute_dtype) if autocast else bias),
             torch.cat(lora_a, dim=0), torch.cat(lora_b, dim=1), 1.0, dropout_ps[0],
-            getattr(self, _BACKEND_ATTR, "auto"),
+            getattr(self, BACKEND_ATTR, "auto"),
         )
         tensors = (weight, bias, lora_a[0], lora_b[0], scalings[0]) if len(active) == 1 else ()
         return _Plan(
@@ -269,10 +247,10 @@ class FusedLoraLinear(PeftLoraLinear):
 
     def _run_plan(self, plan: _Plan, x: torch.Tensor) -> torch.Tensor:
         """The fused call on this input: the held modules' current tensors, as PEFT's forward reads them."""
-        backend = self.__dict__.get(_BACKEND_ATTR, "auto")
+        backend = self.__dict__.get(BACKEND_ATTR, "auto")
         if plan.tensors and plan.autocast_device is None and not plan.lora_bias:  # the common case
             weight, bias, lora_a, lora_b, scaling = plan.tensors
-            return _fused_forward(x, weight, bias, lora_a, lora_b, scaling, plan.dropout_p, backend=backend)
+            return fused_forward(x, weight, bias, lora_a, lora_b, scaling, plan.dropout_p, backend=backend)
         modules = self._modules
         lora_A, lora_B = modules["lora_A"]._modules, modules["lora_B"]._modules
         names = plan.names
@@ -295,16 +273,16 @@ class FusedLoraLinear(PeftLoraLinear):
         if plan.autocast_device is not None:
             x, weight, bias = autocast_inputs(x, weight, bias)
         if plan.lora_bias:
-            bias = _fold_lora_bias(
+            bias = fold_lora_bias(
                 bias, [lora_B[n]._parameters["bias"] for n in names], [self.scaling[n] for n in names], x.dtype
             )
         if plan.autocast_device is None:
-            return _fused_forward(x, weight, bias, lora_a, lora_b, scaling, plan.dropout_p, backend=backend)
+            return fused_forward(x, weight, bias, lora_a, lora_b, scaling, plan.dropout_p, backend=backend)
         with torch.autocast(plan.autocast_device, enabled=False):
-            return _fused_forward(x, weight, bias, lora_a, lora_b, scaling, plan.dropout_p, backend=backend)
+            return fused_forward(x, weight, bias, lora_a, lora_b, scaling, plan.dropout_p, backend=backend)
 
 
-def _fused_forward(
+def fused_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
@@ -339,246 +317,6 @@ def _fused_forward(
     return functional.run(x2, x.shape[:-1], weight, bias, lora_a, lora_b, scale, dropout_p, strategy)
 
 
-class AdapterParts(NamedTuple):
-    """The active adapters of a LoRA layer as the fused op takes them (lists in adapter order)."""
-
-    names: list
-    lora_a: list  # lora_A[name].weight, (r_i, K)
-    lora_b: list  # lora_B[name].weight, (N, r_i)
-    lora_biases: list  # lora_B[name].bias or None (PEFT's lora_bias)
-    scalings: list  # float or 0-dim tensor
-    dropout_ps: list  # p in effect (0 when the dropout module is in eval or an Identity)
-
-
-def adapter_parts(layer: LoraLayer) -> Union[_Fallback, AdapterParts]:
-    """The active adapters of ``layer`` (a PEFT LoRA layer: lora.Linear or a quantized one), or why the fused op
-    cannot run them: none active, a LoRA variant, a non-plain lora_A/lora_B/dropout module, hooks on them,
-    dropout p = 1, several adapters with dropout (PEFT draws a mask per adapter), a scaling tensor that is not
-    0-dim. The one walk over the adapters, shared by the plain and the 4-bit fused layers."""
-    modules = layer._modules
-    lora_A, lora_B, lora_dropout = modules["lora_A"], modules["lora_B"], modules["lora_dropout"]
-    active = [name for name in layer.active_adapters if name in lora_A]
-    if not active:
-        return _Fallback("no active adapter on this layer")
-    for name in active:
-        if name in layer.lora_variant:
-            variant = type(layer.lora_variant[name]).__name__
-            return _Fallback("LoRA variant (DoRA, aLoRA, ...)", f"{variant} on adapter {name!r}")
-    parts = AdapterParts(active, [], [], [], [], [])
-    for name in active:
-        a_module, b_module, dropout = lora_A[name], lora_B[name], lora_dropout[name]
-        if type(a_module) is not nn.Linear or type(b_module) is not nn.Linear:
-            return _Fallback("lora_A/lora_B is not a plain nn.Linear")
-        if type(dropout) is nn.Dropout:
-            parts.dropout_ps.append(dropout.p if dropout.training else 0.0)
-        elif type(dropout) is nn.Identity:
-            parts.dropout_ps.append(0.0)
-        else:
-            return _Fallback("dropout module is not nn.Dropout/nn.Identity", type(dropout).__name__)
-        if _has_hooks(a_module) or _has_hooks(b_module) or _has_hooks(dropout):
-            return _Fallback("module hooks or a replaced forward")
-        parts.lora_a.append(a_module.weight)
-        parts.lora_b.append(b_module.weight)
-        parts.lora_biases.append(b_module.bias)
-        parts.scalings.append(layer.scaling[name])
-    if any(p >= 1.0 for p in parts.dropout_ps):
-        return _Fallback("dropout p = 1 (the LoRA branch is all zeros)")
-    if len(active) > 1 and any(p > 0.0 for p in parts.dropout_ps):
-        return _Fallback("several active adapters with dropout in training")
-    if any(isinstance(s, torch.Tensor) and s.dim() != 0 for s in parts.scalings):
-        return _Fallback("scaling is a tensor that is not 0-dim")
-    return parts
-
-
-def _fold_lora_bias(
-    base_bias: Optional[torch.Tensor],
-    lora_biases: list[Optional[torch.Tensor]],
-    scalings: list[Union[float, torch.Tensor]],
-    dtype: torch.dtype,
-) -> Optional[torch.Tensor]:
-    """Base bias plus Σ s_i·b_Bi (PEFT's ``lora_B`` bias is scaled with the LoRA branch and does not see
-    dropout), as one (N,) vector in ``dtype`` — the same term PEFT's merge adds to the base bias."""
-    terms = [b * s for b, s in zip(lora_biases, scalings) if b is not None]
-    if not terms:
-        return base_bias
-    total = functools.reduce(torch.add, terms)
-    if base_bias is not None:
-        total = total + base_bias
-    return total.to(dtype)
-
-
-def _adapter_names(active: Union[str, list]) -> tuple:
-    """PEFT's ``_active_adapter`` (a name or a list of names) as a tuple of names."""
-    return (active,) if type(active) is str else tuple(active)
-
-
-_tensor_meta_c = operator.attrgetter("dtype", "device", "shape")  # one C call per tensor for the plan key
-
-
-def _tensor_meta(t: torch.Tensor) -> tuple:
-    """(dtype, device, shape) of ``t`` under torch.compile, which cannot trace ``attrgetter``."""
-    return (t.dtype, t.device, t.shape)
-
-
-def _hooked(plan: _Plan) -> bool:
-    """Whether a global module hook, a hook on a module ``plan`` holds, or a replaced ``forward`` is present."""
-    if _has_global_hooks() or any(plan.hook_dicts):
-        return True
-    for module_dict in plan.module_dicts:
-        if "forward" in module_dict:
-            return True
-    return False
-
-
-def _hook_dicts(module: nn.Module) -> tuple:
-    """The module's own hook registries (mutated in place by ``register_*_hook`` and handle removal)."""
-    return (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Whether a hook is registered on ``module`` or its ``forward`` was replaced on the instance."""
-    return any(_hook_dicts(module)) or "forward" in module.__dict__
-
-
-def _has_global_hooks() -> bool:
-    return bool(
-        _torch_module._global_forward_hooks
-        or _torch_module._global_forward_pre_hooks
-        or _torch_module._global_backward_hooks
-        or _torch_module._global_backward_pre_hooks
-    )
-
-
-def _report_fallback(layer: nn.Module, fallback: _Fallback) -> None:
-    name = getattr(layer, _NAME_ATTR, None) or f"<{type(layer).__name__} at {id(layer):#x}>"
-    key = (name, fallback.reason)
-    if key in _logged_layer_reasons:
-        return
-    _logged_layer_reasons.add(key)
-    detail = f" ({fallback.detail})" if fallback.detail else ""
-    if fallback.reason in _QUIET_REASONS:
-        logger.debug("lorafast: %s runs PEFT's forward: %s%s", name, fallback.reason, detail)
-        return
-    logger.info("lorafast: %s falls back to PEFT's forward: %s%s", name, fallback.reason, detail)
-    if fallback.reason not in _warned_reasons:
-        _warned_reasons.add(fallback.reason)
-        warnings.warn(
-            f"lorafast: {name} falls back to PEFT's (unfused) forward: {fallback.reason}{detail}. "
-            "Other layers falling back for this reason are logged at INFO level by 'lorafast.peft'.",
-            stacklevel=3,
-        )
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"lorafast.peft: backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def _swap_in(layer: nn.Module, backend: str, name: Optional[str], fused_class: Optional[type] = None) -> None:
-    layer.__class__ = FusedLoraLinear if fused_class is None else fused_class
-    setattr(layer, _BACKEND_ATTR, backend)
-    setattr(layer, _NAME_ATTR, name)
-
-
-def _fused_classes() -> dict[type, type]:
-    """PEFT class → its lorafast subclass: plain ``lora.Linear`` plus whatever :mod:`lorafast.qlora` covers
-    (``FUSED_CLASSES``; imported lazily, as it needs bitsandbytes, and skipped when it cannot be imported)."""
-    classes: dict[type, type] = {PeftLoraLinear: FusedLoraLinear}
-    try:
-        from lorafast import qlora
-    except ImportError:
-        return classes
-    classes.update(getattr(qlora, "FUSED_CLASSES", {}))
-    return classes
-
-
-def patch(model: nn.Module, backend: str = "auto") -> int:
-    """Make every plain PEFT ``lora.Linear`` in ``model`` (and every quantized LoRA layer that
-    ``lorafast.qlora.FUSED_CLASSES`` covers) run the fused op; changes nothing else.
-
-    Swaps the layers' class in place (no new parameters, buffers or submodules; state_dict keys and
-    saved adapters are unchanged). Idempotent: already-patched layers are skipped, but take the new
-    ``backend``. Call again after ``add_adapter``/``load_adapter`` targets new layers.
-
-    Args:
-        model: a ``PeftModel`` or any module containing PEFT LoRA layers.
-        backend: "auto" | "fused" | "cublas" | "aten" (or the aliases "triton" | "torch"), as
-            :func:`lorafast.lora_linear` takes it.
-
-    Returns:
-        The number of layers newly patched by this call (0 on a second call).
-    """
-    _check_backend(backend)
-    classes = _fused_classes()
-    fused = frozenset(classes.values())
-    patched = 0
-    ineligible: dict[str, int] = {}
-    for name, module in model.named_modules():
-        fused_class = classes.get(type(module))
-        if fused_class is not None:
-            _swap_in(module, backend, name, fused_class)
-            patched += 1
-        elif type(module) in fused:
-            setattr(module, _BACKEND_ATTR, backend)
-        elif isinstance(module, LoraLayer):
-            kind = type(module).__module__ + "." + type(module).__qualname__
-            ineligible[kind] = ineligible.get(kind, 0) + 1
-    if ineligible:
-        kinds = ", ".join(f"{count}× {kind}" for kind, count in sorted(ineligible.items()))
-        warnings.warn(
-            f"lorafast.patch: these LoRA layers are not plain peft lora.Linear and stay on PEFT: {kinds}",
-            stacklevel=2,
-        )
-    return patched
-
-
-def unpatch(model: nn.Module) -> int:
-    """Restore PEFT's own class (``lora.Linear``, or the quantized layer class) on every patched layer of
-    ``model``.
-
-    Returns:
-        The number of layers restored.
-    """
-    peft_class_of = {fused: peft for peft, fused in _fused_classes().items()}
-    restored = 0
-    for module in model.modules():
-        peft_class = peft_class_of.get(type(module))
-        if peft_class is not None:
-            module.__class__ = peft_class
-            for attr in (_BACKEND_ATTR, _NAME_ATTR, _PLAN_ATTR):
-                module.__dict__.pop(attr, None)
-            restored += 1
-    return restored
-
-
-def register(config: LoraConfig, backend: str = "auto") -> LoraConfig:
-    """Make ``get_peft_model`` / ``PeftModel.from_pretrained(..., config=config)`` build fused layers.
-
-    Registers a dispatcher through PEFT's (experimental) ``LoraConfig._register_custom_module``: layers
-    whose base is exactly ``nn.Linear`` become :class:`FusedLoraLinear`; every other layer (quantized
-    ``nn.Linear`` subclasses, Conv1D, embeddings, ...) goes to PEFT's own dispatchers. The registration
-    lives on this config object only; it is not saved to ``adapter_config.json``.
-
-    Args:
-        config: the ``LoraConfig`` to extend (modified in place).
-        backend: "auto" | "triton" | "torch", passed to :func:`lorafast.lora_linear`.
-
-    Returns:
-        ``config``, for chaining.
-    """
-    _check_backend(backend)
-    config._register_custom_module({nn.Linear: functools.partial(_dispatch_fused_linear, backend=backend)})
-    return config
-
-
-def _dispatch_fused_linear(
-    target: nn.Module, adapter_name: str, config: LoraConfig, *, backend: str, **kwargs: Any
-) -> Optional[nn.Module]:
-    """PEFT custom-module dispatcher; returning None hands the layer to PEFT's next dispatcher."""
-    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    if type(base) is not nn.Linear:
-        return None
-    layer = dispatch_default(target, adapter_name, config=config, **kwargs)
-    if type(layer) is PeftLoraLinear:
-        _swap_in(layer, backend, kwargs.get("target_name"))
-    return layer
+def _plan_hooked(plan: _Plan) -> bool:
+    """Whether a global hook, a hook on a module ``plan`` holds, or a replaced ``forward`` is present."""
+    return hooked(plan.hook_dicts, plan.module_dicts)
