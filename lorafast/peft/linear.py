@@ -113,7 +113,7 @@ class FusedLoraLinear(PeftLoraLinear):
         plan = self.__dict__.get(PLAN_ATTR)
         # Equal keys mean the same module objects, so the plan's held hook dicts are theirs: a hook added or
         # removed since planning changes what this reads (one C-level any() over them, not attribute walks).
-        if plan is None or plan.key != key or _plan_hooked(plan) is not plan.hooked:
+        if plan is None or plan.key != key or hooked(plan.hook_dicts, plan.module_dicts) is not plan.hooked:
             plan = self._with_hook_state(self._make_plan(x, key))
             self.__dict__[PLAN_ATTR] = plan
         if plan.fallback is not None:
@@ -133,7 +133,7 @@ class FusedLoraLinear(PeftLoraLinear):
         plan = plan._replace(
             hook_dicts=tuple(d for m in held for d in hook_dicts(m)), module_dicts=tuple(m.__dict__ for m in held)
         )
-        return plan._replace(hooked=_plan_hooked(plan))
+        return plan._replace(hooked=hooked(plan.hook_dicts, plan.module_dicts))
 
     def _plan_key(self, x: torch.Tensor) -> tuple:
         """Everything :meth:`_make_plan` reads, cheaply (µs): the plan is valid while this stays equal.
@@ -315,8 +315,3 @@ def fused_forward(
     else:
         scale = op_scale(scaling, scale, strategy)
     return functional.run(x2, x.shape[:-1], weight, bias, lora_a, lora_b, scale, dropout_p, strategy)
-
-
-def _plan_hooked(plan: _Plan) -> bool:
-    """Whether a global hook, a hook on a module ``plan`` holds, or a replaced ``forward`` is present."""
-    return hooked(plan.hook_dicts, plan.module_dicts)
