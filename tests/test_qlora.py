@@ -14,7 +14,7 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit  # noqa: E402
-from utils import assert_close  # noqa: E402
+from utils import assert_close, plant_wrong_strategy  # noqa: E402
 
 import lorafast  # noqa: E402
 import lorafast.dropout  # noqa: E402
@@ -516,15 +516,13 @@ def test_dispatcher_excludes_a_wrong_candidate(fake_dispatch, monkeypatch):
     process never times it again; the correct candidates are unaffected."""
     import json
 
-    from test_verify import plant
-
     from lorafast import dispatch
 
     _, _, _, layer = make_pair(K=40, N=24, r=2, bias="all", compute_dtype=torch.float16, weight_dtype=torch.float16)
     x = torch.randn(6, 40, dtype=torch.float16, requires_grad=True)
     call, x2, scale = _call_for(layer, x)
     needs = (True, True, True, True)
-    plant(monkeypatch, "cublas", "da")  # GEMM_4BIT's backward is cublas's: both are wrong
+    plant_wrong_strategy(monkeypatch, "cublas", "da")  # GEMM_4BIT's backward is cublas's: both are wrong
     ran = fake_dispatch({"cublas": 1.0, qlora.GEMM_4BIT: 1.5, "fused": 2.0, "aten": 4.0})
     with pytest.warns(UserWarning, match="gave wrong results") as record:
         assert qlora.dispatch_strategy(x2, call, scale, needs) == "fused"

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 from conftest import DEVICE
-from utils import make_inputs
+from utils import make_inputs, plant_wrong_strategy
 
 import lorafast
 from lorafast import dispatch, strategies, verify
@@ -110,30 +110,6 @@ def mocked_cuda(cache_dir, monkeypatch):
     return cache_dir
 
 
-def plant(monkeypatch, name, what):
-    """Make strategy ``name`` wrong: ``"y"`` 1 % too large, or ``"da"`` with its first row's contributions lost
-    (what a lost split partial looks like)."""
-    impl = strategies.get(name)
-    if what == "y":
-        real = impl.forward
-
-        def forward(*args):
-            y, h = real(*args)
-            return y * 1.01, h
-
-        monkeypatch.setattr(impl, "forward", forward)
-    else:
-        real = impl.backward
-
-        def backward(*args):
-            dx, da, db, dbias = real(*args)
-            da = da.clone()
-            da[0] = 0.0
-            return dx, da, db, dbias
-
-        monkeypatch.setattr(impl, "backward", backward)
-
-
 def _file(cache_dir):
     (path,) = cache_dir.glob("strategies-*.json")
     return path, json.loads(path.read_text())
@@ -149,7 +125,7 @@ def _train_call(M=24, K=40, N=36, r=4, dtype=torch.float16, p=0.0):
 @pytest.mark.parametrize("broken, what, correct", [("fused", "y", "cublas"), ("cublas", "da", "fused")])
 def test_a_wrong_candidate_is_excluded_warned_once_recorded_and_not_timed_again(mocked_cuda, monkeypatch, broken,
                                                                               what, correct):
-    plant(monkeypatch, broken, what)
+    plant_wrong_strategy(monkeypatch, broken, what)
     timer = FakeTimer({broken: 1.0, correct: 2.0, "aten": 3.0})
     dispatch.set_timer(timer)
     with pytest.warns(UserWarning, match=f"strategy '{broken}' gave wrong results") as record:
@@ -185,7 +161,7 @@ def test_a_wrong_candidate_is_excluded_warned_once_recorded_and_not_timed_again(
 
 
 def test_not_timed_again_in_a_real_new_process(cache_dir, monkeypatch):
-    plant(monkeypatch, "fused", "y")
+    plant_wrong_strategy(monkeypatch, "fused", "y")
     dispatch.set_timer(FakeTimer({"fused": 1.0, "cublas": 2.0, "aten": 3.0}))
     key, make_run = _problem(torch.float32)
     with pytest.warns(UserWarning, match="'fused' gave wrong results"):
@@ -278,7 +254,7 @@ def test_the_verified_outputs_come_from_a_run_after_the_first_launch(cache_dir, 
 
 
 def test_candidates_without_aten_get_one_untimed_reference_step(cache_dir, monkeypatch):
-    plant(monkeypatch, "fused", "y")
+    plant_wrong_strategy(monkeypatch, "fused", "y")
     timer = FakeTimer({"fused": 1.0, "cublas": 2.0})
     dispatch.set_timer(timer)
     key, make_run = _problem(torch.float32)
