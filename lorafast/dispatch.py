@@ -252,6 +252,11 @@ def rejections() -> Dict[str, Dict[str, dict]]:
     return {k: dict(v) for k, v in _load_disk()["rejected"].items()}
 
 
+def cached_choices() -> Dict[str, str]:
+    """The choices of the cache file and of this process: {key string: strategy}."""
+    return dict(_load_disk()["choices"])
+
+
 def choices() -> Dict[StrategyKey, str]:
     """The strategies chosen (timed, or read from disk) in this process so far, by key."""
     return dict(_choices)
@@ -292,6 +297,11 @@ def set_timer(timer: Optional[Timer]) -> None:
     """Replace the timer (tests inject a fake one); None restores :func:`cuda_event_timer`."""
     global _timer
     _timer = timer or cuda_event_timer
+
+
+def get_timer() -> Timer:
+    """The timer :func:`select` uses now (``python -m lorafast doctor`` wraps it to report the times)."""
+    return _timer
 
 
 def _must_not_time() -> bool:
@@ -604,7 +614,11 @@ def _override(value: str) -> str:
     return name
 
 
+def auto_candidates(dtype: torch.dtype) -> Tuple[str, ...]:
+    """The strategies ``auto`` times on CUDA for x of ``dtype``: fp32's IEEE dots run on FMA units in our GEMMs, so
+    the fused path is a correctness path there and not a candidate."""
+    return ("cublas", "aten") if dtype == torch.float32 else STRATEGIES
+
+
 def _auto(x, weight, lora_a, dropout_p, needs, make_run) -> str:
-    # fp32's IEEE dots run on FMA units in our GEMMs: the fused path is a correctness path there.
-    candidates = ("cublas", "aten") if x.dtype == torch.float32 else STRATEGIES
-    return select_call(x, weight, lora_a, dropout_p, needs, candidates, make_run, default=DEFAULT_CUDA)
+    return select_call(x, weight, lora_a, dropout_p, needs, auto_candidates(x.dtype), make_run, default=DEFAULT_CUDA)
