@@ -21,8 +21,9 @@ def zeros_views(
     """Zero-filled contiguous tensors of ``shapes`` (None → None) carved from **one** ``torch.zeros``: one
     fill launch instead of one per accumulation target (the kernels add into them with atomics).
 
-    The views share one storage, so none is freed before all are: meant for outputs that live equally
-    long (a layer's parameter gradients). Not for outputs of a ``torch.library`` op, which may not alias.
+    The views share one storage, so none is freed before all are: meant for outputs that live about equally
+    long (a layer's parameter gradients; :func:`lorafast.kernels.lora_bwd.lora_grads` adds dH where it is no
+    larger than they are). Not for outputs of a ``torch.library`` op, which may not alias.
     One ``as_strided`` per view (a slice + view pair costs two dispatches).
     """
     align = max(1, _ALIGN_BYTES // dtype.itemsize)
