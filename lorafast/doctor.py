@@ -375,7 +375,11 @@ def run_checks(quick: bool, device: torch.device, only: Sequence[str] = ()) -> L
     entries = []
     for family in CASE_FAMILIES.values():
         for case in family(quick, device, only):
-            for call, result in enumerate(case.check(), start=1):
+            try:
+                results = case.check()
+            except Exception as exc:  # the case's setup or reference failed: a failed check, reported
+                results = [CallResult({}, {}, exception=f"{type(exc).__name__}: {exc}"[:500])]
+            for call, result in enumerate(results, start=1):
                 entry = {
                     "op": case.op, "strategy": case.strategy, "dtype": _dtype_name(case.dtype),
                     "adapter_dtype": _dtype_name(case.adapter_dtype), "dropout": case.dropout, "shape": case.shape,
@@ -464,10 +468,15 @@ def run_timings(quick: bool, device: torch.device) -> List[Dict[str, object]]:
     entries = []
     for name, M, K, N in TIMING_SHAPES:
         for p in (0.1,) if quick else DROPOUTS:
-            if device.type == "cuda":
-                entry = _gpu_timing(name, M, K, N, p, device)
-            else:
-                entry = _cpu_timing(name, CPU_TIMING_M[name][0 if quick else 1], K, N, p, quick)
+            try:
+                if device.type == "cuda":
+                    entry = _gpu_timing(name, M, K, N, p, device)
+                else:
+                    entry = _cpu_timing(name, CPU_TIMING_M[name][0 if quick else 1], K, N, p, quick)
+            except Exception as exc:  # e.g. out of memory on a small GPU: reported, the doctor goes on
+                entries.append({"shape": name, "dropout": p, "error": f"{type(exc).__name__}: {exc}"[:500]})
+                print(f"  {name:6s} p={p:g}: failed ({entries[-1]['error']})", flush=True)
+                continue
             entries.append(entry)
             times = "  ".join(f"{k} {v:.3f} ms" + (" (REJECTED)" if k in entry["rejected"] else "")
                               for k, v in entry["times_ms"].items())
