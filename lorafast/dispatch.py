@@ -365,8 +365,8 @@ def _time_candidates(key: StrategyKey, candidates: Sequence[str], make_run: Make
     for candidate in order:
         if candidate in rejected:
             continue
-        recorder = _Recorder(make_run(candidate))
         try:
+            recorder = _Recorder(make_run(candidate))
             times[candidate] = _timer(candidate, recorder)
         except Exception as exc:  # a GPU-only failure must not break training: the other candidates remain
             _warn_once(f"fail:{candidate}", f"lorafast: strategy {candidate!r} failed while timing "
