@@ -312,20 +312,45 @@ def _must_not_time() -> bool:
 
 
 class _Recorder:
-    """Wraps a candidate's ``run`` for the timer: keeps the outputs of its second call (the first that goes
-    through the cached compiled handles: the first call launches through the autotuner), or of its only call."""
+    """Wraps a candidate's ``run`` for the timer and judges the outputs of its **second** call (the first that
+    goes through the cached compiled handles: the first call launches through the autotuner), or of its only
+    call when the timer makes one.
 
-    __slots__ = ("run", "calls", "outputs")
+    With ``reference`` (aten's outputs) the second call's outputs are compared right away and dropped, so no more
+    than the reference and the current call's outputs are alive at once (with CUDA events the second call is a
+    warm-up, untimed). Without it (aten itself) the second call's outputs are kept as the reference.
+    """
 
-    def __init__(self, run: Runner):
-        self.run, self.calls, self.outputs = run, 0, None
+    __slots__ = ("run", "reference", "calls", "outputs", "mismatch", "verified")
+
+    def __init__(self, run: Runner, reference: Optional[tuple]):
+        self.run, self.reference, self.calls, self.outputs = run, reference, 0, None
+        self.mismatch: Optional[verify.Mismatch] = None
+        self.verified = False
 
     def __call__(self):
+        if self.calls == 1:
+            self.outputs = None  # a second call comes: the first one's outputs are not needed
         out = self.run()
         self.calls += 1
-        if self.calls <= 2:
-            self.outputs = out
+        if self.calls == 1:
+            self.outputs = _as_outputs(out)
+        elif self.calls == 2:
+            self.judge(_as_outputs(out))
         return out
+
+    def judge(self, outputs: Optional[tuple]) -> None:
+        if self.reference is None or outputs is None:
+            self.outputs = outputs  # the reference's (or nothing to judge)
+        else:
+            self.mismatch = verify.first_mismatch(outputs, self.reference)
+            self.verified = True
+
+    def finish(self) -> None:
+        """After the timer: judge the only call's outputs if there was no second call."""
+        if self.calls == 1 and self.outputs is not None:
+            outputs, self.outputs = self.outputs, None
+            self.judge(outputs)
 
 
 def _reject(key: StrategyKey, candidate: str, mismatch: verify.Mismatch) -> None:
@@ -365,27 +390,24 @@ def _time_candidates(key: StrategyKey, candidates: Sequence[str], make_run: Make
     for candidate in order:
         if candidate in rejected:
             continue
+        is_reference = candidate == "aten" and reference is None
         try:
-            recorder = _Recorder(make_run(candidate))
+            recorder = _Recorder(make_run(candidate), None if is_reference else reference)
             times[candidate] = _timer(candidate, recorder)
+            recorder.finish()
         except Exception as exc:  # a GPU-only failure must not break training: the other candidates remain
             _warn_once(f"fail:{candidate}", f"lorafast: strategy {candidate!r} failed while timing "
                                             f"({type(exc).__name__}: {exc}); it is skipped for {key.as_string()}")
             continue
-        outputs = _as_outputs(recorder.outputs)
-        recorder.outputs = None
-        if candidate == "aten":
-            reference = outputs
-            continue
-        if reference is None or outputs is None:
+        if is_reference:
+            reference = recorder.outputs
+        elif recorder.mismatch is not None:
+            del times[candidate]
+            _reject(key, candidate, recorder.mismatch)
+        elif not recorder.verified:
             _warn_once(f"unverified:{key.op}", f"lorafast: no outputs to verify {key.op!r} candidates with "
                                                "(make_run's steps return none, or aten failed); timed unverified")
-            continue
-        mismatch = verify.first_mismatch(outputs, reference)
-        del outputs
-        if mismatch is not None:
-            del times[candidate]
-            _reject(key, candidate, mismatch)
+        recorder.outputs = None
     return times
 
 

@@ -263,11 +263,16 @@ def test_candidates_without_aten_get_one_untimed_reference_step(cache_dir, monke
     assert timer.timed == ["fused", "cublas"]
 
 
-def test_steps_that_return_no_outputs_are_timed_unverified(cache_dir):
+@pytest.mark.parametrize("legacy", ["every step", "the candidate's step"])
+def test_steps_that_return_no_outputs_are_timed_unverified(cache_dir, legacy):
     dispatch.set_timer(FakeTimer({"fused": 1.0, "aten": 2.0}))
-    key, _ = _problem(torch.float32)
+    key, make_run = _problem(torch.float32)
+
+    def make(name):
+        return make_run(name) if legacy != "every step" and name == "aten" else (lambda: None)
+
     with pytest.warns(UserWarning, match="timed unverified"):
-        assert dispatch.select(key, ("fused", "aten"), lambda name: (lambda: None), default="aten") == "fused"
+        assert dispatch.select(key, ("fused", "aten"), make, default="aten") == "fused"
 
 
 def test_a_format_1_file_and_a_qlora_choice_read_back(cache_dir):
