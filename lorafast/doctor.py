@@ -6,7 +6,7 @@ report to attach to an issue (like ``python -m bitsandbytes`` or ``torch.utils.c
 3. Compile: every registered kernel (``lorafast.kernels.registry``) compiled for the live GPU by the AOT gate
    (``python -m lorafast.aot``, in a subprocess): registers, spills, shared memory and the gate's findings.
    ``--quick`` compiles the gate's representative subset (every kernel, fewer configs). Without a GPU: skipped
-   with ``--quick``; otherwise compiled for sm_90 as a stand-in, and labelled so (``"live": false``).
+   with ``--quick``; otherwise the subset is compiled for sm_90 as a stand-in, and labelled so (``"live": false``).
 4. Checks: each strategy × {fp32, bf16, fp16} × {p = 0, p = 0.1} at small odd shapes, y and every gradient
    (dX, dA, dB, db) against a float64 reference with the strategy's own dropout mask, by the tests' rule
    (error ≤ 2 × the same math in PyTorch at the low precision + the floor of :mod:`lorafast.tolerances`), and the
@@ -163,7 +163,7 @@ def gate_arch() -> Tuple[Optional[object], bool, str]:
 
 def compile_report(quick: bool) -> Dict[str, object]:
     """Compile the registered kernels for the live GPU with the AOT gate, in a subprocess (the compiler cannot run
-    under TRITON_INTERPRET); without a GPU: skipped with ``quick``, else sm_90 as a stand-in."""
+    under TRITON_INTERPRET); without a GPU: skipped with ``quick``, else the subset for sm_90 as a stand-in."""
     if importlib.util.find_spec("triton") is None:
         return {"skipped": "triton is not installed", "ok": True}
     arch, live, why = gate_arch()
@@ -172,9 +172,10 @@ def compile_report(quick: bool) -> Dict[str, object]:
     if not live and quick:
         return {"skipped": "no GPU: nothing to compile for (without --quick the kernels are compiled for sm_90 as a "
                            "stand-in)", "ok": True, "live": False}
+    subset = quick or not live  # a stand-in compile is a sample: the representative subset
     with tempfile.TemporaryDirectory() as tmp:
         out_json = os.path.join(tmp, "gate.json")
-        cmd = [sys.executable, "-m", "lorafast.aot", "--arch", str(arch), "--entries", GATE_ENTRIES[quick],
+        cmd = [sys.executable, "-m", "lorafast.aot", "--arch", str(arch), "--entries", GATE_ENTRIES[subset],
                "--json", out_json, "--jobs", str(min(8, os.cpu_count() or 1))]
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         start = time.perf_counter()
@@ -191,7 +192,7 @@ def compile_report(quick: bool) -> Dict[str, object]:
     errors = [r for r in rows if r["error"]]
     return {
         "target": str(arch) if isinstance(arch, str) else f"sm_{arch}", "live": live,
-        "entries": "subset" if quick else "all", "triton": gate.get("triton_version"), "wall_s": round(wall, 1),
+        "entries": "subset" if subset else "all", "triton": gate.get("triton_version"), "wall_s": round(wall, 1),
         "configs": len(rows), "compile_errors": len(errors),
         "gate_problems": sum(1 for r in rows if r["problems"] and not r["error"]),
         "ok": not errors, "command": "python " + " ".join(cmd[1:]), "rows": rows,
