@@ -228,19 +228,21 @@ def lora_grad_h(
     need_dbias: bool,
     *,
     out: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None,
+    dh_out: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """One pass over dY: dH = s·dY·B, dB = s·h_factor·dYᵀ·H, db = Σₘ dY.
 
     grad_y: (M, N) fp16/bf16/fp32, any strides (stride-0 grads from .sum() included); lora_b: (N, r);
     h: (M, r) fp32 contiguous as saved by the forward; scaling: 0-dim tensor. ``out``: optional
     zero-filled (dB (N, r), db (N,)) fp32 contiguous buffers to accumulate into (the strategies carve them
-    with dA from one fill, :func:`lorafast.kernels.alloc.zeros_views`); None: allocated here. Returns dH
-    (M, r) fp32 contiguous, dB (N, r) fp32 or None, db (N,) fp32 or None.
+    with dA from one fill, :func:`lorafast.kernels.alloc.zeros_views`); None: allocated here. ``dh_out``: an
+    optional zero-filled (M, r) fp32 contiguous buffer for dH (carved from the same fill); None: allocated here.
+    Returns dH (M, r) fp32 contiguous, dB (N, r) fp32 or None, db (N,) fp32 or None.
     """
     M, N = grad_y.shape
     R = lora_b.shape[1]
     dev = grad_y.device
-    dh = torch.zeros((M, R), dtype=torch.float32, device=dev)
+    dh = torch.zeros((M, R), dtype=torch.float32, device=dev) if dh_out is None else dh_out
     if out is None:
         out = alloc.zeros_views(((N, R) if need_db_lora else None, (N,) if need_dbias else None), torch.float32, dev)
     db_lora, dbias = out
@@ -376,19 +378,33 @@ def lora_grads(
     need_dbias: bool,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The rank-r side of the backward, shared by the `fused` and `cublas` strategies: :func:`lora_grad_h`
-    then :func:`lora_grad_a`, with dA, dB and db carved from **one** zero fill (they are parameter
-    gradients, which live equally long): two zero fills per backward (dH, and these) instead of up to four.
+    then :func:`lora_grad_a`, with dA, dB, db — and dH, where it is no larger than they are — carved from
+    **one** zero fill: one fill launch per backward where there were up to four.
+
+    Why dH only up to that size: the views share one storage, which lives as long as the longest-lived view.
+    dA, dB and db are parameter gradients (autograd keeps fp32 adapters' views as ``.grad`` until the
+    optimizer's ``zero_grad``), so dH's M×r fp32 bytes stay allocated with them; with M·r ≤ r·K + N·r + N
+    that at most doubles the layer's LoRA-gradient bytes. Above it (large M: the layer is GEMM-bound, where a
+    launch more is not measurable) dH gets its own fill, freed after the backward.
+
+    Races and autotuning: every view is disjoint and 64-byte aligned (no program's atomics reach another
+    view); each kernel's ``reset_to_zero`` zeroes only its own views between autotune trials (and Triton
+    zeroes them once more before the chosen config runs), so dH's reset while tuning the dH/dB pass leaves
+    dA (zero, accumulated later by the dA pass) alone. The fill happens before either kernel, whatever split
+    the chosen config makes, and whether the launch goes through the autotuner or a cached handle.
 
     Shapes as :func:`lora_grad_h` / :func:`lora_grad_a`; x (M, K), lora_a (r, K). Returns (dH (M, r),
     dA (r, K), dB (N, r), db (N,)) fp32, None where not needed (dH is always computed: dX needs it too).
     """
     N, R = lora_b.shape
-    K = x.shape[1]
-    shapes = ((R, K) if need_da else None, (N, R) if need_db_lora else None, (N,) if need_dbias else None)
-    da, db_lora, dbias = alloc.zeros_views(shapes, torch.float32, grad_y.device)
+    M, K = x.shape
+    grad_numel = (R * K if need_da else 0) + (N * R if need_db_lora else 0) + (N if need_dbias else 0)
+    shapes = ((R, K) if need_da else None, (N, R) if need_db_lora else None, (N,) if need_dbias else None,
+              (M, R) if M * R <= grad_numel else None)
+    da, db_lora, dbias, dh = alloc.zeros_views(shapes, torch.float32, grad_y.device)
     h_factor = 1.0 / (1.0 - dropout_p)
     dh, db_lora, dbias = lora_grad_h(
-        grad_y, lora_b, h, scaling, h_factor, need_db_lora, need_dbias, out=(db_lora, dbias)
+        grad_y, lora_b, h, scaling, h_factor, need_db_lora, need_dbias, out=(db_lora, dbias), dh_out=dh
     )
     if need_da:
         lora_grad_a(x, dh, seed, dropout_p, lora_a.dtype, out=da)

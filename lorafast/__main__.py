@@ -4,6 +4,8 @@ Commands:
     bench     correctness, speed and memory of lorafast (and each strategy) vs PEFT, the reference and the frozen
               linear, plus host cost per call; --host (host cost only), --quant nf4 (QLoRA vs PEFT)
     roofline  predicted times and ratios on H100 / H200 for the bench shapes
+    doctor    versions, device, kernels compiled for it, every strategy checked against float64, what auto picks;
+              --json report.json to attach to an issue
 
 Each command is a module exposing ``add_arguments(parser)`` and ``run(args) -> int``; add one by
 listing it in ``COMMANDS``.
@@ -19,6 +21,7 @@ from typing import List, Optional
 COMMANDS = {
     "bench": ("lorafast.bench", "check and time lorafast against PEFT, the reference and the floor (--host, --quant)"),
     "roofline": ("lorafast.roofline", "print the roofline prediction table (H100/H200)"),
+    "doctor": ("lorafast.doctor", "check lorafast on this machine and write a report (--quick, --json PATH)"),
 }
 
 

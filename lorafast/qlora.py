@@ -338,25 +338,34 @@ def dispatch_strategy(x2: torch.Tensor, call: QLoraCall, scale: torch.Tensor,
 
 
 def _timing_run(x2: torch.Tensor, call: QLoraCall, scale: torch.Tensor,
-                needs: Tuple[bool, bool, bool, bool]) -> Callable[[str], Callable[[], None]]:
+                needs: Tuple[bool, bool, bool, bool]) -> Callable[[str], Callable[[], dispatch.StepOutputs]]:
     """``make_run`` for the dispatcher: one training step's work of a candidate — dequant, forward, and (when
-    gradients are needed) dequant again and backward — outside autograd, with a fixed seed and a constant dY
-    (the default generator is not touched)."""
+    gradients are needed) dequant again and backward — outside autograd, on the call's x and 4-bit weight with the
+    dispatcher's timing adapters, seed and dY (:func:`lorafast.dispatch.timing_adapters`; the default generator
+    is not touched). Each run returns :class:`lorafast.dispatch.StepOutputs` (y, dX, dA, dB, db), which the
+    dispatcher compares with the ``aten`` candidate's."""
+    shared: dict = {}
 
-    def make_run(name: str) -> Callable[[], None]:
+    def inputs():
+        if not shared:
+            shared["adapters"] = dispatch.timing_adapters(call.lora_a, call.lora_b)
+            shared["seed"] = dispatch.timing_seed(x2.device, call.dropout_p)
+        return shared["adapters"], shared["seed"]
+
+    def make_run(name: str) -> Callable[[], dispatch.StepOutputs]:
         p = call.dropout_p
-        seed = torch.full((1,), 12345, dtype=torch.int64, device=x2.device) if p > 0.0 else None
-        grad_y = []
 
-        def run() -> None:
+        def run() -> dispatch.StepOutputs:
+            (lora_a, lora_b), seed = inputs()
             with torch.no_grad():
-                y, h = strategy_forward(name, x2, call.snap, call.bias, call.lora_a, call.lora_b, scale, seed, p,
-                                        True)
-                if any(needs):
-                    if not grad_y:
-                        grad_y.append(torch.full_like(y, 1e-2))
-                    strategy_backward(name, grad_y[0], x2, call.snap, call.lora_a, call.lora_b, h, scale, seed, p,
-                                      True, needs)
+                y, h = strategy_forward(name, x2, call.snap, call.bias, lora_a, lora_b, scale, seed, p, True)
+                if not any(needs):
+                    return dispatch.StepOutputs(y, None, None, None, None)
+                if "dy" not in shared:
+                    shared["dy"] = dispatch.timing_grad(y)
+                grads = strategy_backward(name, shared["dy"], x2, call.snap, lora_a, lora_b, h, scale, seed, p,
+                                          True, needs)
+                return dispatch.StepOutputs(y, *grads)
 
         return run
 

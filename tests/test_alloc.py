@@ -27,3 +27,13 @@ def test_zeros_views_are_zero_disjoint_aligned(dtype):
 
 def test_zeros_views_all_none():
     assert alloc.zeros_views([None, None], torch.float32, torch.device("cpu")) == [None, None]
+
+
+def test_zeros_views_memoised_layout_gives_fresh_zeros_each_call():
+    shapes = ((3, 5), (7,), None)
+    first = alloc.zeros_views(shapes, torch.float32, torch.device("cpu"))
+    first[0].fill_(1.0)
+    second = alloc.zeros_views(list(shapes), torch.float32, torch.device("cpu"))  # a list hits the same layout
+    assert second[0].untyped_storage().data_ptr() != first[0].untyped_storage().data_ptr()
+    assert torch.count_nonzero(second[0]) == 0 and second[2] is None
+    assert [v.shape for v in second[:2]] == [(3, 5), (7,)]

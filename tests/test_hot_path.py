@@ -368,9 +368,12 @@ def test_fused_path_with_launches_stubbed_has_no_host_sync(monkeypatch):
     assert launches and not _SYNCING.intersection(rec.ops), rec.ops
 
 
-def test_fused_fwd_bwd_fills_three_buffers(monkeypatch):
-    """Per fwd+bwd the Triton strategy zero-fills three buffers for its atomics — H, dH, and one shared by
-    dA/dB/db — and launches five kernels; the parameter gradients it returns share that one storage."""
+@pytest.mark.parametrize("M, fills", [(7, 2), (40, 3)])
+def test_fused_fwd_bwd_zero_fills(monkeypatch, M, fills):
+    """Per fwd+bwd the Triton strategy zero-fills the buffers its atomics sum into: H in the forward, and in the
+    backward one storage shared by dA/dB/db and dH — while dH (M×r) is no larger than those gradients (M = 7 here:
+    two fills in all); at larger M dH gets a fill of its own (three). Five kernel launches; the parameter
+    gradients it returns share the one storage."""
     pytest.importorskip("triton")
     from lorafast.kernels import configs, lora_bwd, lora_fwd
 
@@ -381,7 +384,7 @@ def test_fused_fwd_bwd_fills_three_buffers(monkeypatch):
     model = get_peft_model(_Tiny(), LoraConfig(r=R, lora_alpha=8, target_modules=["lin"], lora_bias=True))
     lorafast.patch(model, backend="fused")
     layer = _layer(model)
-    x = torch.randn(7, IN, requires_grad=True)
+    x = torch.randn(M, IN, requires_grad=True)
     model(x).sum().backward()
     launches.clear()
     params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
@@ -389,5 +392,5 @@ def test_fused_fwd_bwd_fills_three_buffers(monkeypatch):
         y = model(x)
         grads = torch.autograd.grad(y, [x, *params], torch.ones_like(y))
     assert len(launches) == 5
-    assert rec.ops.count("zeros") == 3, rec.ops
+    assert rec.ops.count("zeros") == fills, rec.ops
     assert grads[1].untyped_storage().data_ptr() == grads[2].untyped_storage().data_ptr()

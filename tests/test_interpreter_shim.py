@@ -1,4 +1,4 @@
-"""The bf16 shim for Triton's CPU interpreter (tests/support/interpreter_shim.py).
+"""The bf16 shim for Triton's CPU interpreter (lorafast/interpreter.py, via tests/support/interpreter_shim.py).
 
 Shows the interpreter's bf16 tl.dot and fp32→bf16 cast are wrong without the shim (while upstream
 still has the bug), right with it, and that fp16/fp32 dots are untouched.

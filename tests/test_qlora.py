@@ -14,7 +14,7 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit  # noqa: E402
-from utils import assert_close  # noqa: E402
+from utils import assert_close, plant_wrong_strategy  # noqa: E402
 
 import lorafast  # noqa: E402
 import lorafast.dropout  # noqa: E402
@@ -508,6 +508,37 @@ def test_dispatcher_times_every_candidate_and_caches(fake_dispatch):
     assert (key.n, key.k, key.needs) == (24, 40, "xabbias")
     assert qlora.dispatch_strategy(x2, call, scale, needs) == qlora.GEMM_4BIT
     assert len(ran) == 4  # cached: no second timing
+
+
+def test_dispatcher_excludes_a_wrong_candidate(fake_dispatch, monkeypatch):
+    """Verification while tuning on a QLoRA key (the dispatcher on a mocked CUDA device: the fake timer, the Triton
+    strategies in the interpreter): a candidate whose dA is off is excluded, warned about, recorded, and a new
+    process never times it again; the correct candidates are unaffected."""
+    import json
+
+    from lorafast import dispatch
+
+    _, _, _, layer = make_pair(K=40, N=24, r=2, bias="all", compute_dtype=torch.float16, weight_dtype=torch.float16)
+    x = torch.randn(6, 40, dtype=torch.float16, requires_grad=True)
+    call, x2, scale = _call_for(layer, x)
+    needs = (True, True, True, True)
+    plant_wrong_strategy(monkeypatch, "cublas", "da")  # GEMM_4BIT's backward is cublas's: both are wrong
+    ran = fake_dispatch({"cublas": 1.0, qlora.GEMM_4BIT: 1.5, "fused": 2.0, "aten": 4.0})
+    with pytest.warns(UserWarning, match="gave wrong results") as record:
+        assert qlora.dispatch_strategy(x2, call, scale, needs) == "fused"
+    assert len([w for w in record if "wrong results" in str(w.message)]) == 2  # one per candidate
+    (key,) = [k for k in dispatch.choices() if k.op == "nf4"]
+    assert set(dispatch.rejections()[key.as_string()]) == {"cublas", qlora.GEMM_4BIT}
+    path = dispatch.cache_path()
+    data = json.loads(path.read_text())
+    assert data["choices"][key.as_string()] == "fused"
+    data["choices"] = {}  # a new process that has to time this key again
+    path.write_text(json.dumps(data))
+    dispatch.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert qlora.dispatch_strategy(x2, call, scale, needs) == "fused"
+    assert ran[4:] == ["aten", "fused"], "the rejected candidates are never timed again"
 
 
 def test_dispatcher_candidates_by_dtype_and_m():

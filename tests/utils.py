@@ -58,3 +58,29 @@ def make_inputs(M, K, N, r, dtype=torch.float32, adapter_dtype=None, bias=True, 
     :func:`lorafast.bench.inputs.make_inputs`."""
     return _make_inputs(Shape(f"{M}x{K}x{N}", M, K, N), r, dtype, device, seed=None, bias=bias,
                         adapter_dtype=adapter_dtype, lead=lead, scaling=scaling, requires_grad=True, with_dy=False)
+
+
+def plant_wrong_strategy(monkeypatch, name: str, what: str) -> None:
+    """Make strategy ``name`` wrong: ``"y"`` 1 % too large, or ``"da"`` with its first row's contributions lost
+    (what a lost split partial looks like)."""
+    from lorafast import strategies
+
+    impl = strategies.get(name)
+    if what == "y":
+        real = impl.forward
+
+        def forward(*args):
+            y, h = real(*args)
+            return y * 1.01, h
+
+        monkeypatch.setattr(impl, "forward", forward)
+    else:
+        real = impl.backward
+
+        def backward(*args):
+            dx, da, db, dbias = real(*args)
+            da = da.clone()
+            da[0] = 0.0
+            return dx, da, db, dbias
+
+        monkeypatch.setattr(impl, "backward", backward)

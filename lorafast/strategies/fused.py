@@ -47,8 +47,8 @@ def backward(
     need_db_lora: bool,
     need_dbias: bool,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Up to three launches (plus two zero fills, :func:`lorafast.kernels.lora_bwd.lora_grads`): dH/dB/db
-    over dY, the dX GEMM with its LoRA epilogue, dA over X. dA, dB and db share one storage.
+    """Up to three launches (plus one zero fill, two at large M: :func:`lorafast.kernels.lora_bwd.lora_grads`):
+    dH/dB/db over dY, the dX GEMM with its LoRA epilogue, dA over X. dA, dB and db (and dH) share one storage.
     Returns (dX in grad_y's dtype, dA (r, K) fp32, dB (N, r) fp32, db (N,) fp32), None where not needed."""
     dh, da, db_lora, dbias = lora_grads(
         grad_y, x, lora_a, lora_b, h, scaling, seed, dropout_p, need_da, need_db_lora, need_dbias
