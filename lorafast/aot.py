@@ -45,7 +45,7 @@ belongs in the entry's ``constexprs`` (``{"stride_xk": 1}``), exactly as the JIT
 
 The compiler cannot run while ``TRITON_INTERPRET=1`` (``@triton.jit`` then returns interpreter
 objects), so the command line re-executes itself without that variable when it is set.
-Needs triton >= 3.2 (the ``ASTSource(fn, signature, constexprs, attrs)`` form); checked with 3.9.
+Works with triton 3.0-3.9 (`_ast_source` builds the ASTSource form each takes); run with 3.0, 3.6 and 3.9.
 """
 
 from __future__ import annotations
@@ -227,15 +227,38 @@ def _jit_function(fn):
 
 
 def _ast_source(fn, signature: Dict[str, str], constexprs: Dict[str, object], attrs: dict):
-    """Build an ASTSource across triton versions (the constexpr keyword was renamed over time)."""
+    """Build an ASTSource across triton versions.
+
+    ``signature`` names every parameter ("constexpr" for the constexpr ones), ``attrs`` maps ``(index,)`` to
+    ``[["tt.divisibility", 16]]``: the form of triton >= 3.3, passed as is. Triton 3.0-3.2 take the old form,
+    built here: ``constants=`` instead of ``constexprs=``, a signature of the runtime parameters only (what their
+    JITFunction.run passes) and an ``AttrsDescriptor`` holding the divisible parameters' indices.
+    """
     from triton.compiler import ASTSource
 
     params = inspect.signature(ASTSource.__init__).parameters
     if "constexprs" in params:
         return ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     if "constants" in params:
-        return ASTSource(fn, signature, constants=constexprs, attrs=attrs)
+        runtime = {name: ty for name, ty in signature.items() if ty != "constexpr"}
+        divisible = sorted(key[0] for key, props in attrs.items() if ["tt.divisibility", 16] in props)
+        return ASTSource(fn, runtime, constants=constexprs, attrs=_attrs_descriptor(divisible))
     raise RuntimeError("unsupported triton version: ASTSource takes neither constexprs nor constants")
+
+
+def _attrs_descriptor(divisible: List[int]):
+    """Triton 3.0-3.2's AttrsDescriptor marking the parameters at ``divisible`` (indices) as 16-divisible."""
+    try:  # triton 3.2: properties by name, set and then exposed as slots
+        from triton.backends.compiler import AttrsDescriptor
+
+        descriptor = AttrsDescriptor()
+        descriptor.arg_properties["tt.divisibility"] = list(divisible)
+        descriptor._init_slots()
+        return descriptor
+    except ImportError:  # triton 3.0, 3.1: a dataclass of index sets
+        from triton.compiler.compiler import AttrsDescriptor
+
+        return AttrsDescriptor(divisible_by_16=set(divisible), equal_to_1=set())
 
 
 def _constexpr_defaults(fn) -> Dict[str, object]:
