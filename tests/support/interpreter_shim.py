@@ -24,11 +24,11 @@ triton 3.7): a runtime scalar used as a loop bound (``range(tl.program_id(1) * B
 ``tensor.__index__`` is ``int(self.handle.data)`` on a 1-element 1-D array, which NumPy 2.4 no longer converts.
 The reproducer without lorafast is tests/reproducers/interpreter_scalar_index.py.
 
-`install_string_constexpr_shim` fixes the interpreter of triton 3.0-3.3: it recognises a ``tl.constexpr``
+`install_string_constexpr_shim` fixes the interpreter of triton 3.0-3.1: it recognises a ``tl.constexpr``
 parameter only when the annotation object is ``tl.constexpr``, not the string ``"tl.constexpr"`` that
 ``from __future__ import annotations`` leaves (the compiler accepts both), so it turns constexpr arguments into
-tensors and ``tl.arange(0, N)`` fails with "arange's arguments must be of type tl.constexpr". Triton 3.4 normalises
-string annotations. Reproducer: tests/reproducers/interpreter_string_constexpr.py.
+tensors and ``tl.arange(0, N)`` fails with "arange's arguments must be of type tl.constexpr". Triton 3.2 and
+later run it. Reproducer: tests/reproducers/interpreter_string_constexpr.py.
 
 `install_version_shims` installs both where their probes fail (conftest calls it before the bf16 shim).
 """
@@ -198,7 +198,7 @@ def _is_constexpr_annotation(annotation) -> bool:
 
 
 def install_string_constexpr_shim() -> bool:
-    """Make the interpreter of triton 3.0-3.3 treat string ``tl.constexpr`` annotations as constexpr.
+    """Make the interpreter of triton 3.0-3.1 treat string ``tl.constexpr`` annotations as constexpr.
 
     Wraps ``GridExecutor.__init__`` to add the parameters whose annotation is such a string to its ``constexprs``.
     Idempotent; True when installed (now or earlier), False when not needed or the interpreter is off; raises
