@@ -21,7 +21,8 @@ shim turns itself off once upstream Triton is fixed.
 `install_scalar_index_shim` fixes one more interpreter bug, of triton 3.0-3.6 with NumPy >= 2.4 (fixed in
 triton 3.7): a runtime scalar used as a loop bound (``range(tl.program_id(1) * BLOCK_K, K, ...)``) raises
 ``TypeError: only 0-dimensional arrays can be converted to Python scalars``, because the interpreter's
-``tensor.__index__`` is ``int(self.handle.data)`` on a 1-element 1-D array, which NumPy 2.4 no longer converts.
+``tensor.__index__`` is ``int(self.handle.data)`` on a 1-element 1-D array, which NumPy 2.4 no longer converts
+(NumPy 1.25-2.3 convert it with a DeprecationWarning: an error in tests that turn warnings into errors).
 The reproducer without lorafast is tests/reproducers/interpreter_scalar_index.py.
 
 `install_string_constexpr_shim` fixes the interpreter of triton 3.0-3.1: it recognises a ``tl.constexpr``
@@ -38,6 +39,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import warnings
 from typing import Callable, Dict
 
 import numpy as np
@@ -127,8 +129,11 @@ def scalar_index_works() -> bool:
 
     out = torch.zeros(2, dtype=torch.int32)
     try:
-        _jit(_probe_scalar_index_kernel)[(2,)](out, 40, BLOCK=16)
-    except Exception:  # the interpreter wraps the TypeError in its own InterpreterError
+        with warnings.catch_warnings():
+            # NumPy 1.25-2.3 only warn (DeprecationWarning), which a test's warnings filter turns into an error.
+            warnings.simplefilter("error", DeprecationWarning)
+            _jit(_probe_scalar_index_kernel)[(2,)](out, 40, BLOCK=16)
+    except Exception:  # the interpreter wraps the TypeError or warning in its own InterpreterError
         return False
     return out.tolist() == [0 + 32, 16]  # program 0 visits 0 and 32, program 1 visits 16
 
