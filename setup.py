@@ -11,6 +11,11 @@ from setuptools import setup
 # One place for the version: lorafast/version.py (read, not imported: setup must not import torch).
 VERSION = re.search(r'__version__ = "([^"]+)"', open("lorafast/version.py", encoding="utf-8").read()).group(1)
 
+# Supported Triton: 3.0 (the version torch 2.4, our oldest torch, pins) to 3.9, both ends proven by the compile gate
+# (sm_80, sm_90, gfx942) and the test suite: `bash .ci/triton-version 3.0.0` / `3.9.0` (docs/triton-versions.md).
+# No upper bound in the requirement: a CUDA torch wheel pins its own triton, and a cap would fight that pin.
+TRITON = "triton>=3.0"
+
 setup(
     name="lorafast",
     version=VERSION,
@@ -23,9 +28,9 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         # triton ships inside CUDA torch wheels; CPU users install it for the interpreter.
-        "triton": ["triton>=3.0"],
+        "triton": [TRITON],
         "dev": [
-            "triton>=3.0",
+            TRITON,
             "pytest",
             "pytest-benchmark",
             "peft>=0.13",
