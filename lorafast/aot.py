@@ -66,6 +66,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -494,18 +495,50 @@ def run_gate(arches: Sequence[Union[int, str]], entries_spec: str = DEFAULT_ENTR
             for i, config in enumerate(entry.configs):
                 work.append((entries_spec, arch, entry_index, i))
                 grids.append(grid_report(entry, config) if getattr(entry, "launch_grid", None) else None)
-    if jobs <= 1 or len(work) <= 1:
-        rows = [_compile_job(*job) for job in work]
-    else:
-        # spawn, not fork: the parent has imported triton/torch, whose threads do not survive a fork.
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_compile_job, *job) for job in work]
-            rows = [f.result() for f in futures]
+    rows = _run_jobs(work, jobs)
     for row, grid in zip(rows, grids):
         if grid is not None:
             row.ctas, row.waves = grid
             row.judge()
     return rows
+
+
+def _run_jobs(work: list, jobs: int) -> List[GateRow]:
+    """Compile every job in ``jobs`` worker processes; a job that kills its process becomes a failed row.
+
+    A compiler crash (a segfault in libtriton: triton 3.0 has them) breaks the whole pool. The unfinished jobs
+    then run one worker at a time until the crash recurs, which names the job (a row with the error), and the
+    rest go back to ``jobs`` workers. With ``jobs`` <= 1 the jobs run in this process (a crash ends the gate).
+    """
+    if jobs <= 1 or len(work) <= 1:
+        return [_compile_job(*job) for job in work]
+    rows: List[Optional[GateRow]] = [None] * len(work)
+    todo, workers = list(range(len(work))), jobs
+    while todo:
+        # spawn, not fork: the parent has imported triton/torch, whose threads do not survive a fork.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [(i, pool.submit(_compile_job, *work[i])) for i in todo]
+            for i, future in futures:
+                try:
+                    rows[i] = future.result()
+                except BrokenProcessPool:
+                    break
+        todo = [i for i in todo if rows[i] is None]
+        if todo and workers == 1:
+            rows[todo[0]] = _crashed_row(*work[todo[0]])
+            todo, workers = todo[1:], jobs
+        elif todo:
+            workers = 1
+    return rows
+
+
+def _crashed_row(entries_spec: str, arch: Union[int, str], entry_index: int, config_index: int) -> GateRow:
+    entry = load_entries(entries_spec, arch)[entry_index]
+    config = entry.configs[config_index]
+    row = GateRow(kernel=entry.name, config=config_label(config), arch=entry.arch, dtype=entry.dtype,
+                  uses_dot=bool(entry.uses_dot), error="compiler process crashed (killed by a signal)")
+    row.judge()
+    return row
 
 
 def format_table(rows: Sequence[GateRow]) -> str:
