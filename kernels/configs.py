@@ -38,18 +38,20 @@ def _cfg(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
 # found those rows spilling above it, because the rank-r operands and accumulators (BLOCK_M × BLOCK_R fp32,
 # and dB's BLOCK_N × BLOCK_R in the dH pass) grow with the rank block. Every row passes the gate (no spills,
 # shared memory within the limit) at the rank blocks it is used for. Not yet timed on a GPU.
+# Triton 3.6 (the oldest supported) spilled 8 B in the sm_80 128×128×32 rows above rank blocks 16 (GEMM) and 32 (dX),
+# and 16 B in the fp32 skinny 16×32×16 row at rank block 128 (gate, 2026-12-03): capped there; 16×16×16 covers 128.
 _TABLES = {
     GEMM: {
         # 128×256×64 at 3 stages is back for the forward: it only failed shared memory in the dX kernel,
         # whose block roles were swapped until dX got its own table.
         90: [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3, 64), (64, 128, 64, 4, 4, 64), (128, 64, 64, 8, 4)],
-        80: [(128, 128, 32, 8, 4, 64), (64, 128, 32, 4, 4, 64), (128, 64, 32, 4, 4, 64), (64, 128, 32, 8, 3)],
+        80: [(128, 128, 32, 8, 4, 16), (64, 128, 32, 4, 4, 64), (128, 64, 32, 4, 4, 64), (64, 128, 32, 8, 3)],
     },
     DX: {
         # 128×256×64 (8 warps, 2 stages) spilled 528 B on sm_90 with the dropout epilogue (AOT gate, r = 16):
         # replaced by 128×128×64 at 4 stages.
         90: [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 8, 4)],
-        80: [(128, 128, 32, 8, 4, 64), (64, 128, 32, 4, 4, 32), (128, 64, 32, 4, 4, 64), (64, 128, 32, 8, 3)],
+        80: [(128, 128, 32, 8, 4, 32), (64, 128, 32, 4, 4, 32), (128, 64, 32, 4, 4, 64), (64, 128, 32, 8, 3)],
     },
     # Skinny passes stream one big operand; BLOCK_N names the streamed dimension's tile (dH over N),
     # BLOCK_K the shrink's and dA's column tile. Every row keeps BLOCK_M·BLOCK_N and BLOCK_M·BLOCK_K ≤ 4096
@@ -72,7 +74,7 @@ _TABLES = {
 _FP32_TABLE = {
     GEMM: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
     DX: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
-    SKINNY: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 16), (16, 32, 16, 4, 2)],
+    SKINNY: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 16), (16, 32, 16, 4, 2, 64), (16, 16, 16, 4, 2)],
     EPILOGUE: [(32, 64, 16, 4, 2, 16), (32, 32, 16, 4, 2, 64), (16, 32, 16, 4, 2)],
 }
 # AMD CDNA3 (MI300, gfx942; warp = 64-lane wavefront): 64 KiB of LDS per workgroup, so the NVIDIA
