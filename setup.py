@@ -11,6 +11,14 @@ from setuptools import setup
 # One place for the version: lorafast/version.py (read, not imported: setup must not import torch).
 VERSION = re.search(r'__version__ = "([^"]+)"', open("lorafast/version.py", encoding="utf-8").read()).group(1)
 
+# Supported Triton: 3.6 to 3.9, both ends proven by the compile gate (sm_80, sm_90, gfx942) and the test suite
+# (`bash .ci/triton-version 3.6.0` / `3.9.0`, docs/triton-versions.md). Above what torch 2.4 pins (3.0) because the
+# gate fails there: triton 3.0 and 3.1 segfault compiling one lora_grad_h config for sm_90 and spill in 13 others,
+# 3.2 hits pipeliner assertions; 3.3-3.5 are unchecked. torch >= 2.4 still works: with an older triton, CUDA runs
+# the `aten` strategy (one warning, lorafast/strategies MIN_TRITON). No upper bound: a CUDA torch wheel pins its
+# own triton, and a cap would fight that pin.
+TRITON = "triton>=3.6"
+
 setup(
     name="lorafast",
     version=VERSION,
@@ -23,9 +31,9 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         # triton ships inside CUDA torch wheels; CPU users install it for the interpreter.
-        "triton": ["triton>=3.0"],
+        "triton": [TRITON],
         "dev": [
-            "triton>=3.0",
+            TRITON,
             "pytest",
             "pytest-benchmark",
             "peft>=0.13",

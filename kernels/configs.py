@@ -38,18 +38,20 @@ def _cfg(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
 # found those rows spilling above it, because the rank-r operands and accumulators (BLOCK_M × BLOCK_R fp32,
 # and dB's BLOCK_N × BLOCK_R in the dH pass) grow with the rank block. Every row passes the gate (no spills,
 # shared memory within the limit) at the rank blocks it is used for. Not yet timed on a GPU.
+# Triton 3.6 (the oldest supported) spilled 8 B in the sm_80 128×128×32 rows above rank blocks 16 (GEMM) and 32 (dX),
+# and 16 B in the fp32 skinny 16×32×16 row at rank block 128 (gate, 2026-12-03): capped there; 16×16×16 covers 128.
 _TABLES = {
     GEMM: {
         # 128×256×64 at 3 stages is back for the forward: it only failed shared memory in the dX kernel,
         # whose block roles were swapped until dX got its own table.
         90: [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3, 64), (64, 128, 64, 4, 4, 64), (128, 64, 64, 8, 4)],
-        80: [(128, 128, 32, 8, 4, 64), (64, 128, 32, 4, 4, 64), (128, 64, 32, 4, 4, 64), (64, 128, 32, 8, 3)],
+        80: [(128, 128, 32, 8, 4, 16), (64, 128, 32, 4, 4, 64), (128, 64, 32, 4, 4, 64), (64, 128, 32, 8, 3)],
     },
     DX: {
         # 128×256×64 (8 warps, 2 stages) spilled 528 B on sm_90 with the dropout epilogue (AOT gate, r = 16):
         # replaced by 128×128×64 at 4 stages.
         90: [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 8, 4)],
-        80: [(128, 128, 32, 8, 4, 64), (64, 128, 32, 4, 4, 32), (128, 64, 32, 4, 4, 64), (64, 128, 32, 8, 3)],
+        80: [(128, 128, 32, 8, 4, 32), (64, 128, 32, 4, 4, 32), (128, 64, 32, 4, 4, 64), (64, 128, 32, 8, 3)],
     },
     # Skinny passes stream one big operand; BLOCK_N names the streamed dimension's tile (dH over N),
     # BLOCK_K the shrink's and dA's column tile. Every row keeps BLOCK_M·BLOCK_N and BLOCK_M·BLOCK_K ≤ 4096
@@ -72,7 +74,7 @@ _TABLES = {
 _FP32_TABLE = {
     GEMM: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
     DX: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
-    SKINNY: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 16), (16, 32, 16, 4, 2)],
+    SKINNY: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 16), (16, 32, 16, 4, 2, 64), (16, 16, 16, 4, 2)],
     EPILOGUE: [(32, 64, 16, 4, 2, 16), (32, 32, 16, 4, 2, 64), (16, 32, 16, 4, 2)],
 }
 # AMD CDNA3 (MI300, gfx942; warp = 64-lane wavefront): 64 KiB of LDS per workgroup, so the NVIDIA
@@ -244,8 +246,19 @@ def launch(
 # A launch through triton.autotune + the JIT's argument binding costs ~16–19 µs of Python per call on a GPU
 # host; a compiled kernel's own launcher ~2–4 µs (KERNELS.md; not measured here). Once the autotuner has
 # chosen a config for a key, later launches with the same key and argument specialisation go straight to
-# that compiled kernel. Works with the CompiledKernel API of triton 3.3–3.9 (``compiled[grid](*all_args)``
-# with every parameter in order, constexprs included, as JITFunction.run passes them); any exception at a
+# that compiled kernel: ``compiled[(g0, g1, g2)](*launch_args)``, the call JITFunction.run makes. Read against
+# the source of triton 3.0–3.9 (CompiledKernel.__getitem__, JITFunction.run, Autotuner.run):
+# - the argument list is what the compiled kernel's launcher was generated from, ``compiled.src.signature``:
+#   every parameter in order, constexprs included, on triton >= 3.3 (JITFunction.run passes
+#   ``*bound_args.values()``); the non-constexpr parameters only on 3.0–3.2 (``*non_constexpr_vals``);
+# - the grid is a 3-tuple (the JIT pads it with 1s); the grid function gets every argument by name plus the
+#   config's values, as the JIT's ``grid(bound_args)`` does;
+# - ``Autotuner.run`` returns what ``JITFunction.run`` returns (the compiled kernel, or on 3.5+ possibly a future
+#   of it) and sets ``best_config``;
+# - specialisation: ints on ==1 / %16 / width, pointers on 16-byte alignment (all versions) and, on ROCm
+#   (triton >= 3.2, buffer ops), on whether the tensor's storage fits in 2 GiB: the key covers all of these.
+# tests/test_launch_compat.py runs the real JITFunction/Autotuner/CompiledKernel of the installed triton with
+# a recording driver and checks that a handle passes the launcher what the JIT passes. Any exception at a
 # handle's use turns the cache off for that kernel with one warning, and the autotuner path runs instead.
 # LORAFAST_FAST_LAUNCH=0 turns it off.
 FAST_LAUNCH = os.environ.get("LORAFAST_FAST_LAUNCH", "1") != "0"
@@ -267,19 +280,48 @@ def _arg_signature(arg) -> object:
     raise _Uncacheable(kind)
 
 
+_INT32_MAX = 2**31 - 1
+
+
+def _arg_signature_rocm(arg) -> object:
+    """`_arg_signature` plus what Triton's AMD backend specialises a tensor on: storage within 2 GiB (buffer ops
+    with 32-bit offsets, ``HIPBackend.is_within_2gb``). A handle compiled for a small tensor must not run a large
+    one."""
+    signature = _arg_signature(arg)
+    storage = getattr(arg, "untyped_storage", None)
+    return signature if storage is None else (signature, storage().nbytes() <= _INT32_MAX)
+
+
+def _launch_parameters(compiled, names: Sequence[str]) -> Optional[frozenset]:
+    """The parameter names the compiled kernel's launcher takes, or None for all of them (triton >= 3.3).
+
+    The launcher is generated from ``compiled.src.signature``: all parameters on triton >= 3.3, the runtime
+    (non-constexpr) ones on 3.0–3.2. Without a readable signature, assume the newer form (a wrong guess fails at
+    the first launch, which falls back to the autotuner with a warning)."""
+    signature = getattr(getattr(compiled, "src", None), "signature", None)
+    if not isinstance(signature, dict) or not all(isinstance(k, str) for k in signature):
+        return None
+    passed = frozenset(signature)
+    return None if passed.issuperset(names) else passed
+
+
 class _Handle:
-    """The compiled kernel of the chosen config, with the constexpr tail of its argument list."""
+    """The compiled kernel of the chosen config, with the tail of its argument list (the parameters after the
+    launch's positional arguments) and, where the launcher takes only some positional arguments (triton 3.0–3.2
+    leave constexprs out), their indices."""
 
-    __slots__ = ("compiled", "tail", "names", "meta")
+    __slots__ = ("compiled", "tail", "names", "meta", "keep")
 
-    def __init__(self, compiled, tail: tuple, names: Sequence[str], meta: Dict[str, object]):
-        self.compiled, self.tail, self.names, self.meta = compiled, tail, names, meta
+    def __init__(self, compiled, tail: tuple, names: Sequence[str], meta: Dict[str, object],
+                 keep: Optional[Sequence[int]] = None):
+        self.compiled, self.tail, self.names, self.meta, self.keep = compiled, tail, names, meta, keep
 
     def __call__(self, grid, args: Sequence) -> None:
         # The grid function sees what the JIT gives it: every argument by name plus the config's values.
         g = grid({**dict(zip(self.names, args)), **self.meta}) if callable(grid) else grid
         n = len(g)
-        self.compiled[(g[0], g[1] if n > 1 else 1, g[2] if n > 2 else 1)](*args, *self.tail)
+        passed = args if self.keep is None else [args[i] for i in self.keep]
+        self.compiled[(g[0], g[1] if n > 1 else 1, g[2] if n > 2 else 1)](*passed, *self.tail)
 
 
 class _HandleCache:
@@ -292,10 +334,14 @@ class _HandleCache:
         self.key_index = tuple(self.names.index(k) for k in key if k in self.names)
         self.handles: Dict[tuple, _Handle] = {}
         self.disabled = False
+        import torch
+
+        self.arg_signature = _arg_signature_rocm if torch.version.hip else _arg_signature
 
     def _key(self, device, args: Sequence, constexprs: Dict[str, object]):
+        arg_signature = self.arg_signature
         try:
-            signature = tuple(_arg_signature(a) for a in args)
+            signature = tuple(arg_signature(a) for a in args)
         except _Uncacheable:
             return None
         where = _index(device) if device.type == "cuda" else str(device)
@@ -308,15 +354,21 @@ class _HandleCache:
         if hasattr(compiled, "result"):  # an asynchronous compile's future
             compiled = compiled.result()
         given = {**constexprs, **config.kwargs}
+        passed = _launch_parameters(compiled, self.names)
         tail = []
         for param in self.params[len(args):]:
+            if passed is not None and param.name not in passed:
+                continue
             if param.name in given:
                 tail.append(given[param.name])
             elif param.default is not inspect.Parameter.empty:
                 tail.append(param.default)
             else:
                 return  # cannot rebuild the argument list: stay on the autotuner path for this key
-        self.handles[key] = _Handle(compiled, tuple(tail), self.names[:len(args)], given)
+        keep = None
+        if passed is not None and not passed.issuperset(self.names[:len(args)]):
+            keep = tuple(i for i, name in enumerate(self.names[:len(args)]) if name in passed)
+        self.handles[key] = _Handle(compiled, tuple(tail), self.names[:len(args)], given, keep)
 
     def launch(self, device, grid, args: Sequence, constexprs: Dict[str, object]) -> None:
         key = None if self.disabled else self._key(device, args, constexprs)

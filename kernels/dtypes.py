@@ -73,11 +73,13 @@ def dot_precision(dtype: torch.dtype) -> str:
 
     fp32 operands follow PyTorch's own matmul setting, so the fused layer matches nn.Linear:
     IEEE fp32 unless the user enabled TF32 (``torch.backends.cuda.matmul.allow_tf32``). For 16-bit
-    operands the value is ignored by Triton.
+    operands Triton ignores the value (tensor-core/MFMA dots either way; the compile gate checks), but AMD
+    backends validate it: triton 3.0-3.2 accept only "ieee" there, later ones add "tf32" on CDNA3 (gfx94x) only,
+    so "tf32" failed to compile every 16-bit kernel on gfx942 with triton 3.0. 16-bit operands take "ieee".
     """
-    if dtype == torch.float32 and not _allow_tf32():
-        return "ieee"
-    return "tf32"
+    if dtype == torch.float32 and _allow_tf32():
+        return "tf32"
+    return "ieee"
 
 
 # What `torch.backends.cuda.matmul.allow_tf32` returns, without its module-level __getattr__ (0.09 vs 0.7 µs

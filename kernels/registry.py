@@ -179,9 +179,9 @@ def _grid_fn(kernel: str, dtype: str) -> GridFn:
 def _entries(arch: Union[int, str], dtype: str, block_r: int) -> List[AotEntry]:
     adapter = AOT_DTYPES[dtype]
     fp32 = dtype == "fp32"
-    # fp32 follows torch's default (no TF32): IEEE dots run on FMA units, so no tensor-core check.
-    precision = "ieee" if fp32 else "tf32"
-    common = {"DOT_PRECISION": precision, "BLOCK_R": block_r}
+    # fp32 follows torch's default (no TF32): IEEE dots run on FMA units, so no tensor-core check. 16-bit dots
+    # take "ieee" too, as at run time (kernels/dtypes.dot_precision: the only value every AMD backend accepts).
+    common = {"DOT_PRECISION": "ieee", "BLOCK_R": block_r}
     act, ad, f32, i64 = f"*{dtype}", f"*{adapter}", "*fp32", "*i64"
     pointers = {
         "x_ptr": act, "w_ptr": act, "bias_ptr": act, "y_ptr": act, "dy_ptr": act, "dx_ptr": act,
@@ -236,7 +236,7 @@ def _dequant_entries(arch: Union[int, str]) -> List[AotEntry]:
             "stride_xm": "i32:16", "stride_ym": "i32:16",
         }
         constexprs = {"stride_xk": 1, "stride_yn": 1, "HAS_BIAS": True, "GROUP_M": 8,
-                      "DOT_PRECISION": "ieee" if fp32 else "tf32"}
+                      "DOT_PRECISION": "ieee"}
         # fp32: IEEE dots on FMA units (torch's default precision), so no tensor-core check there.
         entries.append(AotEntry("gemm_4bit", gemm_4bit_kernel, signature, constexprs,
                                 gpu_configs(EPILOGUE, arch, fp32), not fp32, arch, dtype))

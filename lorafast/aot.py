@@ -45,7 +45,7 @@ belongs in the entry's ``constexprs`` (``{"stride_xk": 1}``), exactly as the JIT
 
 The compiler cannot run while ``TRITON_INTERPRET=1`` (``@triton.jit`` then returns interpreter
 objects), so the command line re-executes itself without that variable when it is set.
-Needs triton >= 3.2 (the ``ASTSource(fn, signature, constexprs, attrs)`` form); checked with 3.9.
+Works with triton 3.0-3.9 (`_ast_source` builds the ASTSource form each takes); run with 3.0, 3.6 and 3.9.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -227,15 +228,38 @@ def _jit_function(fn):
 
 
 def _ast_source(fn, signature: Dict[str, str], constexprs: Dict[str, object], attrs: dict):
-    """Build an ASTSource across triton versions (the constexpr keyword was renamed over time)."""
+    """Build an ASTSource across triton versions.
+
+    ``signature`` names every parameter ("constexpr" for the constexpr ones), ``attrs`` maps ``(index,)`` to
+    ``[["tt.divisibility", 16]]``: the form of triton >= 3.3, passed as is. Triton 3.0-3.2 take the old form,
+    built here: ``constants=`` instead of ``constexprs=``, a signature of the runtime parameters only (what their
+    JITFunction.run passes) and an ``AttrsDescriptor`` holding the divisible parameters' indices.
+    """
     from triton.compiler import ASTSource
 
     params = inspect.signature(ASTSource.__init__).parameters
     if "constexprs" in params:
         return ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     if "constants" in params:
-        return ASTSource(fn, signature, constants=constexprs, attrs=attrs)
+        runtime = {name: ty for name, ty in signature.items() if ty != "constexpr"}
+        divisible = sorted(key[0] for key, props in attrs.items() if ["tt.divisibility", 16] in props)
+        return ASTSource(fn, runtime, constants=constexprs, attrs=_attrs_descriptor(divisible))
     raise RuntimeError("unsupported triton version: ASTSource takes neither constexprs nor constants")
+
+
+def _attrs_descriptor(divisible: List[int]):
+    """Triton 3.0-3.2's AttrsDescriptor marking the parameters at ``divisible`` (indices) as 16-divisible."""
+    try:  # triton 3.2: properties by name, set and then exposed as slots
+        from triton.backends.compiler import AttrsDescriptor
+
+        descriptor = AttrsDescriptor()
+        descriptor.arg_properties["tt.divisibility"] = list(divisible)
+        descriptor._init_slots()
+        return descriptor
+    except ImportError:  # triton 3.0, 3.1: a dataclass of index sets
+        from triton.compiler.compiler import AttrsDescriptor
+
+        return AttrsDescriptor(divisible_by_16=set(divisible), equal_to_1=set())
 
 
 def _constexpr_defaults(fn) -> Dict[str, object]:
@@ -471,18 +495,50 @@ def run_gate(arches: Sequence[Union[int, str]], entries_spec: str = DEFAULT_ENTR
             for i, config in enumerate(entry.configs):
                 work.append((entries_spec, arch, entry_index, i))
                 grids.append(grid_report(entry, config) if getattr(entry, "launch_grid", None) else None)
-    if jobs <= 1 or len(work) <= 1:
-        rows = [_compile_job(*job) for job in work]
-    else:
-        # spawn, not fork: the parent has imported triton/torch, whose threads do not survive a fork.
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_compile_job, *job) for job in work]
-            rows = [f.result() for f in futures]
+    rows = _run_jobs(work, jobs)
     for row, grid in zip(rows, grids):
         if grid is not None:
             row.ctas, row.waves = grid
             row.judge()
     return rows
+
+
+def _run_jobs(work: list, jobs: int) -> List[GateRow]:
+    """Compile every job in ``jobs`` worker processes; a job that kills its process becomes a failed row.
+
+    A compiler crash (a segfault in libtriton: triton 3.0 has them) breaks the whole pool. The unfinished jobs
+    then run one worker at a time until the crash recurs, which names the job (a row with the error), and the
+    rest go back to ``jobs`` workers. With ``jobs`` <= 1 the jobs run in this process (a crash ends the gate).
+    """
+    if jobs <= 1 or len(work) <= 1:
+        return [_compile_job(*job) for job in work]
+    rows: List[Optional[GateRow]] = [None] * len(work)
+    todo, workers = list(range(len(work))), jobs
+    while todo:
+        # spawn, not fork: the parent has imported triton/torch, whose threads do not survive a fork.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [(i, pool.submit(_compile_job, *work[i])) for i in todo]
+            for i, future in futures:
+                try:
+                    rows[i] = future.result()
+                except BrokenProcessPool:
+                    break
+        todo = [i for i in todo if rows[i] is None]
+        if todo and workers == 1:
+            rows[todo[0]] = _crashed_row(*work[todo[0]])
+            todo, workers = todo[1:], jobs
+        elif todo:
+            workers = 1
+    return rows
+
+
+def _crashed_row(entries_spec: str, arch: Union[int, str], entry_index: int, config_index: int) -> GateRow:
+    entry = load_entries(entries_spec, arch)[entry_index]
+    config = entry.configs[config_index]
+    row = GateRow(kernel=entry.name, config=config_label(config), arch=entry.arch, dtype=entry.dtype,
+                  uses_dot=bool(entry.uses_dot), error="compiler process crashed (killed by a signal)")
+    row.judge()
+    return row
 
 
 def format_table(rows: Sequence[GateRow]) -> str:

@@ -524,8 +524,9 @@ def run(args: argparse.Namespace) -> int:
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         return subprocess.run([sys.executable, "-m", "lorafast", "doctor", *_argv(args)], env=env).returncode
     if strategies.interpreting() and strategies.triton_available():
-        from lorafast.interpreter import install_bf16_dot_shim
+        from lorafast.interpreter import install_bf16_dot_shim, install_version_shims
 
+        install_version_shims()  # old interpreters first: the bf16 probes use string constexpr annotations
         install_bf16_dot_shim()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()

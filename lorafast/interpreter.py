@@ -1,4 +1,4 @@
-"""Make Triton's CPU interpreter (TRITON_INTERPRET=1) treat bf16 like the GPU does.
+"""Make Triton's CPU interpreter (TRITON_INTERPRET=1) run lorafast's kernels as the GPU would.
 
 Used where lorafast runs its Triton kernels on a CPU: the test suite (tests/conftest.py, through
 tests/support/interpreter_shim.py) and ``python -m lorafast doctor`` without a GPU. It patches Triton's
@@ -22,6 +22,21 @@ stores, tl.where, tl.abs, bf16 → fp32/fp16 casts and fp32 atomic_add are corre
 
 Each fix is installed only when a tiny probe kernel shows the interpreter still needs it, so the
 shim turns itself off once upstream Triton is fixed.
+
+`install_scalar_index_shim` fixes one more interpreter bug, of triton 3.0-3.6 with NumPy >= 2.4 (fixed in
+triton 3.7): a runtime scalar used as a loop bound (``range(tl.program_id(1) * BLOCK_K, K, ...)``) raises
+``TypeError: only 0-dimensional arrays can be converted to Python scalars``, because the interpreter's
+``tensor.__index__`` is ``int(self.handle.data)`` on a 1-element 1-D array, which NumPy 2.4 no longer converts
+(NumPy 1.25-2.3 convert it with a DeprecationWarning: an error in tests that turn warnings into errors).
+The reproducer without lorafast is tests/reproducers/interpreter_scalar_index.py.
+
+`install_string_constexpr_shim` fixes the interpreter of triton 3.0-3.1: it recognises a ``tl.constexpr``
+parameter only when the annotation object is ``tl.constexpr``, not the string ``"tl.constexpr"`` that
+``from __future__ import annotations`` leaves (the compiler accepts both), so it turns constexpr arguments into
+tensors and ``tl.arange(0, N)`` fails with "arange's arguments must be of type tl.constexpr". Triton 3.2 and
+later run it. Reproducer: tests/reproducers/interpreter_string_constexpr.py.
+
+`install_version_shims` installs both where their probes fail (conftest calls it before the bf16 shim).
 """
 
 from __future__ import annotations
@@ -29,6 +44,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import warnings
 from typing import Callable, Dict
 
 import numpy as np
@@ -38,6 +54,8 @@ import triton.language as tl
 _LOCK = threading.Lock()
 _ORIGINALS: Dict[str, Callable] = {}
 _MARKER = "_lorafast_bf16_shim_installed"
+_INDEX_MARKER = "_lorafast_scalar_index_shim_installed"
+_CONSTEXPR_MARKER = "_lorafast_string_constexpr_shim_installed"
 
 
 def interpreter_active() -> bool:
@@ -71,6 +89,13 @@ def _probe_cast_kernel(x_ptr, y_ptr, N: tl.constexpr):
     tl.store(y_ptr + offs, tl.load(x_ptr + offs).to(tl.bfloat16))
 
 
+def _probe_scalar_index_kernel(out_ptr, n, BLOCK: tl.constexpr):
+    total = 0
+    for start in range(tl.program_id(0) * BLOCK, n, 2 * BLOCK):
+        total += start
+    tl.store(out_ptr + tl.program_id(0), total)
+
+
 @functools.cache
 def _jit(fn):
     # Decorated lazily: triton.jit picks interpreter or compiler when applied, not at module import.
@@ -101,6 +126,130 @@ def bf16_cast_rounds_to_nearest_even() -> bool:
     y = torch.empty(32, dtype=torch.bfloat16)
     _jit(_probe_cast_kernel)[(1,)](x, y, N=32)
     return torch.equal(y, x.to(torch.bfloat16))
+
+
+def scalar_index_works() -> bool:
+    """Run a kernel whose loop starts at a runtime scalar (the program id); False if the interpreter raises."""
+    import torch
+
+    out = torch.zeros(2, dtype=torch.int32)
+    try:
+        with warnings.catch_warnings():
+            # NumPy 1.25-2.3 only warn (DeprecationWarning), which a test's warnings filter turns into an error.
+            warnings.simplefilter("error", DeprecationWarning)
+            _jit(_probe_scalar_index_kernel)[(2,)](out, 40, BLOCK=16)
+    except Exception:  # the interpreter wraps the TypeError or warning in its own InterpreterError
+        return False
+    return out.tolist() == [0 + 32, 16]  # program 0 visits 0 and 32, program 1 visits 16
+
+
+def _scalar_index(self) -> int:
+    # What triton 3.7 does: a scalar is a 1-element array of any rank; squeeze it to 0-d for int().
+    return int(self.handle.data.squeeze())
+
+
+def install_scalar_index_shim() -> bool:
+    """Make ``range()`` over runtime scalars work in the interpreter of triton 3.0-3.6 with NumPy >= 2.4.
+
+    Wraps the interpreter's ``_patch_lang_tensor`` (which sets ``tensor.__index__`` on every kernel call) so that
+    ``__index__`` squeezes the scalar first. Idempotent. Returns True when the fix is installed (now or earlier),
+    False when the interpreter is not active or the probe kernel already works. Raises RuntimeError if the probe
+    still fails after patching (the interpreter's internals changed).
+    """
+    if not interpreter_active():
+        return False
+    from triton.runtime import interpreter
+
+    with _LOCK:
+        if getattr(interpreter, _INDEX_MARKER, False):
+            return True
+        if scalar_index_works():
+            return False
+        original = interpreter._patch_lang_tensor
+
+        def patch_lang_tensor(tensor, *scope):
+            original(tensor, *scope)
+            if scope:  # triton >= 3.6: a scope that restores the attribute after the call (in reverse order)
+                scope[0].set_attr(tensor, "__index__", _scalar_index)
+            else:  # triton <= 3.5 sets the attribute for good
+                tensor.__index__ = _scalar_index
+
+        interpreter._patch_lang_tensor = patch_lang_tensor
+        if not scalar_index_works():
+            interpreter._patch_lang_tensor = original
+            raise RuntimeError(
+                "lorafast.interpreter: range() over a runtime scalar still fails in the Triton "
+                "interpreter after patching _patch_lang_tensor; its internals have changed"
+            )
+        setattr(interpreter, _INDEX_MARKER, True)
+        return True
+
+
+def _probe_arange_kernel(out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, offs)
+
+
+def string_constexpr_works() -> bool:
+    """Run a kernel whose ``N: tl.constexpr`` annotation is a string (this module postpones annotations)."""
+    import torch
+
+    out = torch.zeros(16, dtype=torch.int32)
+    try:
+        _jit(_probe_arange_kernel)[(1,)](out, N=16)
+    except Exception:  # "arange's arguments must be of type tl.constexpr", wrapped in InterpreterError
+        return False
+    return out.tolist() == list(range(16))
+
+
+def _is_constexpr_annotation(annotation) -> bool:
+    # "tl.constexpr", "triton.language.constexpr", "constexpr": what the JIT's KernelParam.is_constexpr accepts.
+    return isinstance(annotation, str) and annotation.strip().split(".")[-1] == "constexpr"
+
+
+def install_string_constexpr_shim() -> bool:
+    """Make the interpreter of triton 3.0-3.1 treat string ``tl.constexpr`` annotations as constexpr.
+
+    Wraps ``GridExecutor.__init__`` to add the parameters whose annotation is such a string to its ``constexprs``.
+    Idempotent; True when installed (now or earlier), False when not needed or the interpreter is off; raises
+    RuntimeError when the probe still fails after patching.
+    """
+    if not interpreter_active():
+        return False
+    from triton.runtime import interpreter
+
+    with _LOCK:
+        executor = interpreter.GridExecutor
+        if getattr(executor, _CONSTEXPR_MARKER, False):
+            return True
+        if string_constexpr_works():
+            return False
+        original = executor.__init__
+
+        def init(self, fn, arg_names, *rest, **kwargs):
+            original(self, fn, arg_names, *rest, **kwargs)
+            annotations = getattr(fn, "__annotations__", {})
+            self.constexprs = [name for name in arg_names
+                               if name in self.constexprs or _is_constexpr_annotation(annotations.get(name))]
+
+        executor.__init__ = init
+        if not string_constexpr_works():
+            executor.__init__ = original
+            raise RuntimeError(
+                "lorafast.interpreter: string tl.constexpr annotations still fail in the Triton "
+                "interpreter after patching GridExecutor.__init__; its internals have changed"
+            )
+        setattr(executor, _CONSTEXPR_MARKER, True)
+        return True
+
+
+def install_version_shims() -> Dict[str, bool]:
+    """Install the fixes for old interpreters (string constexpr annotations, scalar loop bounds) where needed.
+
+    Returns which are installed. Call after TRITON_INTERPRET=1 is set and before `install_bf16_dot_shim`
+    (whose probe kernels have string annotations).
+    """
+    return {"string_constexpr": install_string_constexpr_shim(), "scalar_index": install_scalar_index_shim()}
 
 
 def _patch(builder_cls) -> None:

@@ -1,4 +1,4 @@
-"""Test setup: Triton's CPU interpreter when there is no GPU, the bf16 dot shim, seeds, markers.
+"""Test setup: Triton's CPU interpreter when there is no GPU, its shims (old versions, bf16), seeds, markers.
 
 TRITON_INTERPRET must be set before triton is first imported; torch does not import triton at
 import time, so checking CUDA first is safe (asserted below).
@@ -14,8 +14,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from support.interpreter_shim import install_bf16_dot_shim  # noqa: E402
+from support.interpreter_shim import install_bf16_dot_shim, install_version_shims  # noqa: E402
 
+install_version_shims()  # old Triton interpreters: tests/reproducers/
 install_bf16_dot_shim()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -248,3 +248,15 @@ def test_registry_kernels_compile_for_sm80_sm90_and_gfx942(tmp_path):
         if base in ("lora_shrink", "lora_grad_h", "lora_grad_a") and row["arch"] != "gfx942":
             assert min(row["ctas"].values()) >= 2 * 132, where
     print(proc.stdout)
+
+
+def test_a_compiler_crash_is_a_failed_row_not_the_end_of_the_gate(tmp_path):
+    # triton 3.0's compiler can segfault; the gate must name the config and still compile the others.
+    proc, report = _run_gate(tmp_path, "--entries", f"{GATE_TOYS}:crash_entries", "--jobs", "2",
+                             interpreter_env=False, arches=("80",))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log
+    problems = {row["kernel"]: row["problems"] for row in report["rows"]}
+    assert set(problems) == {"toy_atomic_relaxed", "defect_compiler_crash", "toy_atomic_relaxed_after"}, log
+    assert any("compiler process crashed" in p for p in problems["defect_compiler_crash"]), log
+    assert problems["toy_atomic_relaxed"] == problems["toy_atomic_relaxed_after"] == [], log

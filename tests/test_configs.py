@@ -200,6 +200,22 @@ def test_second_launch_goes_through_the_cached_handle(fake_autotuner):
     assert log[2][1] == (3, 3, 1)
 
 
+class _RuntimeOnlySignature:
+    """``compiled.src`` of triton 3.0-3.2: the signature names the runtime parameters only."""
+
+    signature = {"x_ptr": "*fp32", "M": "i32", "M_BUCKET": "i32"}
+
+
+def test_a_launcher_built_for_runtime_parameters_gets_only_those(fake_autotuner):
+    kernel, log = fake_autotuner
+    kernel.compiled.src = _RuntimeOnlySignature()
+    x = torch.randn(8, 8)
+    _launch(x)
+    _launch(x)
+    assert [entry[0] for entry in log] == ["autotune", "handle"]
+    assert log[1] == ("handle", (2, 3, 1), (x, 64, 64))  # no constexpr tail: what JITFunction.run passes on 3.0
+
+
 @pytest.mark.parametrize("change", ["key", "alignment", "dtype", "unit_int", "device", "constexpr"])
 def test_a_new_key_or_specialisation_goes_back_to_the_autotuner(fake_autotuner, monkeypatch, change):
     kernel, log = fake_autotuner

@@ -1,10 +1,15 @@
 """The bf16 shim for Triton's CPU interpreter (lorafast/interpreter.py, via tests/support/interpreter_shim.py).
 
 Shows the interpreter's bf16 tl.dot and fp32→bf16 cast are wrong without the shim (while upstream
-still has the bug), right with it, and that fp16/fp32 dots are untouched.
+still has the bug), right with it, and that fp16/fp32 dots are untouched; and that the old-version shims are on
+exactly where the reproducers in tests/reproducers/ show the installed interpreter at fault.
 """
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +19,12 @@ from support.interpreter_shim import (
     bf16_bits_to_fp32,
     fp32_to_bf16_bits_rtne,
     install_bf16_dot_shim,
+    install_scalar_index_shim,
+    install_string_constexpr_shim,
     interpreter_active,
     remove_bf16_dot_shim,
+    scalar_index_works,
+    string_constexpr_works,
 )
 
 pytestmark = pytest.mark.skipif(not interpreter_active(), reason="shim is for the CPU interpreter only")
@@ -124,3 +133,32 @@ def test_bit_conversions_match_torch():
     assert torch.isnan(as_bf16[2])
     widened = torch.from_numpy(bf16_bits_to_fp32(bits))
     assert torch.equal(widened[3:], expected[3:].float())
+
+
+# ---- old interpreters (tests/reproducers/): each shim is on exactly where its lorafast-free reproducer fails ----
+
+REPRODUCERS = Path(__file__).parent / "reproducers"
+
+
+def _reproducer_fails(name: str) -> bool:
+    """Run tests/reproducers/<name>.py in a fresh process (no shim): True when it prints BUG."""
+    done = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", str(REPRODUCERS / f"{name}.py")],
+                          capture_output=True, text=True, timeout=300)
+    verdict = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
+    assert verdict.startswith(("OK", "BUG")), verdict
+    return verdict.startswith("BUG")
+
+
+@pytest.mark.parametrize("name, probe, install", [
+    ("interpreter_scalar_index", scalar_index_works, install_scalar_index_shim),
+    ("interpreter_string_constexpr", string_constexpr_works, install_string_constexpr_shim),
+])
+def test_version_shims_are_on_where_the_reproducer_fails(name, probe, install):
+    # conftest installed the shims already; installing again reports whether one is on.
+    assert install() == _reproducer_fails(name), f"triton {triton.__version__}"
+    assert probe()
+
+
+def test_the_interpreter_loads_and_stores_with_this_numpy():
+    # Triton 3.0-3.1's interpreter needs NumPy < 2 (tests/reproducers/interpreter_numpy2_abi.py); no shim can help.
+    assert not _reproducer_fails("interpreter_numpy2_abi"), "install numpy<2 for this triton (.ci/triton-version does)"

@@ -72,3 +72,22 @@ def test_fp64_on_triton_falls_back_with_warning():
     with pytest.warns(UserWarning, match="running the 'aten' strategy"):
         y = lorafast.lora_linear(**args, backend="triton")
     assert y.dtype == torch.float64
+
+
+class _CudaLike:
+    """What triton_fallback reads of a tensor, on a (mocked) CUDA device."""
+
+    def __init__(self, dtype=torch.bfloat16, rows=8):
+        self.dtype, self.is_cuda, self.shape = dtype, True, (rows, 64)
+
+
+def test_triton_older_than_the_verified_floor_runs_aten_on_cuda(monkeypatch):
+    from lorafast import strategies
+
+    monkeypatch.setattr(strategies, "triton_version", lambda: (3, 0))
+    reason = strategies.triton_fallback(_CudaLike(), _CudaLike())
+    assert reason is not None and reason.startswith("triton 3.0 is older than 3.6"), reason
+    cpu = torch.randn(8, 64, dtype=torch.bfloat16)  # the interpreter on CPU keeps running the kernels
+    assert strategies.triton_fallback(cpu, cpu) is None
+    monkeypatch.setattr(strategies, "triton_version", lambda: strategies.MIN_TRITON)
+    assert strategies.triton_fallback(_CudaLike(), _CudaLike()) is None

@@ -19,8 +19,10 @@ and ``"aten"``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+import re
 import warnings
 from types import ModuleType
 from typing import Optional
@@ -74,8 +76,29 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# The oldest Triton whose compile of every shipped kernel config is proven by the compile gate, with the test suite
+# (docs/triton-versions.md). Triton 3.0 and 3.1 crash compiling lora_grad_h (32×128×128, sm_90: a segfault would
+# end the user's process while autotuning) and spill in 13 configs; 3.2 hits pipeliner assertions; 3.3-3.5 are not
+# checked yet. Older Triton on CUDA runs ``aten``, with one warning; the interpreter (CPU tests) is not affected.
+MIN_TRITON = (3, 6)
+
+
+@functools.cache
+def triton_version() -> tuple:
+    """(major, minor) of the installed triton; (0, 0) when unreadable."""
+    import triton
+
+    found = re.match(r"(\d+)\.(\d+)", getattr(triton, "__version__", ""))
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
+
 def triton_fallback(x: torch.Tensor, lora_a: torch.Tensor) -> Optional[str]:
     """Why valid inputs cannot run a Triton strategy (they then run ``aten``), or None."""
+    if x.is_cuda and triton_version() < MIN_TRITON:
+        have = ".".join(map(str, triton_version()))
+        want = ".".join(map(str, MIN_TRITON))
+        return (f"triton {have} is older than {want}, the oldest whose kernel compiles are verified "
+                "(docs/triton-versions.md)")
     if x.dtype not in TRITON_DTYPES or lora_a.dtype not in TRITON_DTYPES:
         return f"{x.dtype}/{lora_a.dtype} is not supported by the Triton kernels"
     if lora_a.shape[0] > MAX_TRITON_RANK:

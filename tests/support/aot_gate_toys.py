@@ -130,3 +130,24 @@ def aot_entries(arch: Union[int, str]) -> List[AotEntry]:
             _matmul("defect_spill_amd", _cfg(1, 1, BLOCK_M=256, BLOCK_N=128, BLOCK_K=16), arch),
         ]
     return entries
+
+
+class _CrashingKernel:
+    """Stands in for a kernel whose compile kills the compiling process, as a libtriton segfault does."""
+
+    __name__ = "crashing_kernel"
+
+    @property
+    def fn(self):
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def crash_entries(arch: Union[int, str]) -> List[AotEntry]:
+    """Two clean toys around one entry whose compile kills its worker process."""
+    clean = _atomic("toy_atomic_relaxed", "relaxed", arch)
+    crash = AotEntry(name="defect_compiler_crash", fn=_CrashingKernel(), signature=clean.signature,
+                     constexprs={"SEM": "relaxed"}, configs=clean.configs, uses_dot=False, arch=arch, dtype="fp32")
+    return [clean, crash, _atomic("toy_atomic_relaxed_after", "relaxed", arch)]
