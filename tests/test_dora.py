@@ -29,7 +29,8 @@ P = 0.25
 def poison_outputs(monkeypatch):
     """Every kernel output starts as NaN, so an element a kernel fails to write fails the test."""
     real_empty = alloc.empty
-    monkeypatch.setattr(alloc, "empty", lambda shape, dtype, device: real_empty(shape, dtype, device).fill_(float("nan")))
+    monkeypatch.setattr(alloc, "empty",
+                        lambda shape, dtype, device: real_empty(shape, dtype, device).fill_(float("nan")))
 
 
 @pytest.fixture(autouse=True)
