@@ -145,7 +145,8 @@ def test_norm_matches_dense_float64(strategy, dtype, case):
     w, a, b = w.to(dtype), a.float(), b.float()
     m = torch.rand(N, device=DEVICE) + 0.5
     dense = reference.dora_weight_norm(w.double(), a.double(), b.double(), s)
-    g, inv_norm, row_sq = norm_of(strategy)(w, a, b, m, s, None)
+    scale = s if strategy == "aten" else torch.tensor(s, device=DEVICE)  # the Triton kernels read s from memory
+    g, inv_norm, row_sq = norm_of(strategy)(w, a, b, m, scale, None)
     assert g.dtype == inv_norm.dtype == row_sq.dtype == torch.float32
     assert_close(row_sq, (w.double() ** 2).sum(1), torch.float32, what="‖W‖²")
     # fp32 sums of terms up to ‖W‖²/‖·‖² ≈ 100× the result ('cancel'): allow that factor over fp32's floor.
@@ -153,7 +154,7 @@ def test_norm_matches_dense_float64(strategy, dtype, case):
     assert rel_err(inv_norm, 1.0 / dense) <= budget, case
     assert rel_err(g, m.double() / dense) <= budget, case
     # A cached ‖W‖² gives the same result.
-    g2, inv2, same = norm_of(strategy)(w, a, b, m, s, row_sq)
+    g2, inv2, same = norm_of(strategy)(w, a, b, m, scale, row_sq)
     assert same is row_sq and torch.equal(g, g2) and torch.equal(inv_norm, inv2)
 
 
@@ -311,8 +312,9 @@ class LargestAllocation(TorchDispatchMode):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("p", [0.0, P], ids=["p0", "dropout"])
 def test_no_nxk_tensor_per_call(strategy, p):
-    """fwd+bwd allocate nothing of N×K (no dense B·A, W + s·B·A or dW): at M = 8, K = 64, N = 48 every
-    M-sized tensor is ≤ 8·64 elements, a quarter of N·K; ‖W‖² is cached by a first call."""
+    """fwd+bwd allocate nothing of N×K (no dense B·A, W + s·B·A or dW): at M = 8, K = 64, N = 48, r = 4 every
+    legitimate tensor (M×K, M×N, the parameter gradients' one fill) is under N·K/2; ‖W‖² is cached by a first
+    call."""
     M, K, N = 8, 64, 48
     inp = DoraInputs(M, K, N, 4)
     lorafast.dora_linear(*inp.args(), dropout_p=p, training=True, backend=strategy).sum().backward()
@@ -320,7 +322,7 @@ def test_no_nxk_tensor_per_call(strategy, p):
     with mode:
         y = lorafast.dora_linear(*inp.args(), dropout_p=p, training=True, backend=strategy)
         y.backward(torch.ones_like(y))
-    assert mode.largest <= M * max(K, N), f"{strategy}: a {mode.shape} tensor was allocated"
+    assert mode.largest < N * K // 2, f"{strategy}: a {mode.shape} tensor was allocated"
     # The check can fail: PEFT's own DoRA math (the reference) builds N×K tensors.
     mode = LargestAllocation()
     with mode:

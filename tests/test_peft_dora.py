@@ -13,13 +13,18 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, \
-    LlamaForCausalLM
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 from utils import assert_close, rel_err
 
 import lorafast
 import lorafast.peft.dora as peft_dora
-import lorafast.peft.linear as peft_linear
 from lorafast import functional, reference
 from lorafast.dora import norm as dora_norm
 from lorafast.strategies import aten
