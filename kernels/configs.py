@@ -22,6 +22,7 @@ GEMM = "gemm"          # Y = X·Wᵀ + LoRA epilogue: BLOCK_M × BLOCK_N output 
 DX = "dx"              # dX = dY·W + LoRA epilogue: same roles (BLOCK_N tiles dX's K columns, BLOCK_K steps over N)
 SKINNY = "skinny"      # rank-r passes: shrink (M×K → M×r), dH/dB (M×N → M×r, N×r), dA (M×K → r×K)
 EPILOGUE = "epilogue"  # in-place rank-r updates after a cuBLAS GEMM: Y += s·H·Bᵀ, dX += keep⊙(dH·A)/(1−p)
+TWO_ACC = "two_acc"    # DoRA's GEMMs with dropout (kernels/dora_*.py): GEMM/DX roles, two BLOCK_M×BLOCK_N accumulators
 
 
 def interpreting() -> bool:
@@ -64,6 +65,12 @@ _TABLES = {
         90: [(64, 128, 16, 4, 2), (128, 128, 16, 8, 2), (64, 64, 16, 4, 2)],
         80: [(64, 128, 16, 4, 2, 64), (128, 64, 16, 8, 2), (64, 64, 16, 4, 2)],
     },
+    # Two fp32 accumulators per tile: the GEMM table's 128×128 (and wider) tiles spilled on sm_90 (AOT gate,
+    # dora_gemm r = 16: 40 B at 128×128×64 w8, 1,512 B at 128×256), so half-size tiles. Not timed on a GPU.
+    TWO_ACC: {
+        90: [(128, 64, 64, 8, 4), (64, 128, 64, 4, 4), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)],
+        80: [(128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (128, 64, 32, 8, 3)],
+    },
 }
 # fp32 operands are twice as wide and IEEE dots run on FMA units, so fp32 gets small tiles (64×128 and 64×64
 # tiles spilled 288–8,568 B in the dH/dB and dA passes). fp32 is a correctness path for the fused GEMMs; on
@@ -74,6 +81,7 @@ _FP32_TABLE = {
     DX: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
     SKINNY: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 16), (16, 32, 16, 4, 2)],
     EPILOGUE: [(32, 64, 16, 4, 2, 16), (32, 32, 16, 4, 2, 64), (16, 32, 16, 4, 2)],
+    TWO_ACC: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
 }
 # AMD CDNA3 (MI300, gfx942; warp = 64-lane wavefront): 64 KiB of LDS per workgroup, so the NVIDIA
 # tables' deep pipelines do not fit; Triton's AMD stream pipeliner runs num_stages = 2. Rows from the
@@ -83,12 +91,14 @@ _AMD_TABLES = {
     DX: [(128, 128, 64, 8, 2, 64), (64, 128, 64, 4, 2), (128, 64, 64, 4, 2)],
     SKINNY: [(64, 64, 64, 4, 2), (128, 32, 32, 4, 2, 32), (32, 128, 128, 4, 2, 32)],
     EPILOGUE: [(64, 128, 16, 4, 2), (128, 64, 16, 8, 2, 32), (64, 64, 16, 4, 2, 32)],
+    TWO_ACC: [(128, 64, 64, 4, 2), (64, 128, 64, 4, 2), (64, 64, 64, 4, 2)],
 }
 _AMD_FP32_TABLE = {
     GEMM: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
     DX: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
     SKINNY: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
     EPILOGUE: [(32, 64, 16, 4, 2), (32, 32, 16, 4, 2)],
+    TWO_ACC: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
 }
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
 

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from lorafast.kernels import alloc
-from lorafast.kernels.configs import DX, EPILOGUE, SKINNY, launch, m_bucket, rank_block, split_for
+from lorafast.kernels.configs import DX, EPILOGUE, SKINNY, TWO_ACC, launch, m_bucket, rank_block, split_for
 from lorafast.kernels.dropout import dropout_col_keys, dropout_keep, dropout_row_keys, mask_threshold
 from lorafast.kernels.dtypes import dot_precision, lora_dot, skinny_fp32_tiles
 from lorafast.kernels.lora_fwd import grouped_tile
@@ -96,7 +96,7 @@ def dora_dx_tile(
     ref_ptr, part, dh_ptr, a_ptr, seed_ptr, offs_m, offs_c, mask_m, mask_c, R, stride_ar, stride_ak,
     mask_threshold, inv_keep,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, LORA_FP32: tl.constexpr,
-    LORA_PRECISION: tl.constexpr,
+    LORA_PRECISION: tl.constexpr, HASH_MASK: tl.constexpr,
 ):
     """``keep ⊙ f·(part + dH·A)`` (fp32) on one (BLOCK_M, BLOCK_N) tile of dX (``part``: ((g−1)⊙dY)·W's tile, or
     zeros); without dropout ``part + dH·A``. The dot runs in ``ref_ptr``'s element type, or fp32 with LORA_FP32."""
@@ -109,9 +109,11 @@ def dora_dx_tile(
                 mask=(offs_r[:, None] < R) & mask_c[None, :], other=0.0)
     out = tl.dot(dh.to(lora_dtype), a.to(lora_dtype), part, input_precision=lora_precision)
     if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        keep = dropout_keep(dropout_row_keys(seed, offs_m), dropout_col_keys(seed, offs_c), mask_threshold)
-        out = tl.where(keep, out * inv_keep, 0.0)
+        out = out * inv_keep
+        if HASH_MASK:  # False only in the compile gate's twin (the mask's cost alone)
+            seed = tl.load(seed_ptr)
+            keep = dropout_keep(dropout_row_keys(seed, offs_m), dropout_col_keys(seed, offs_c), mask_threshold)
+            out = tl.where(keep, out, 0.0)
     return out
 
 
@@ -123,10 +125,10 @@ def dora_dx_kernel(
     mask_threshold, inv_keep,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    LORA_FP32: tl.constexpr = False, LORA_PRECISION: tl.constexpr = "ieee",
+    LORA_FP32: tl.constexpr = False, LORA_PRECISION: tl.constexpr = "ieee", HASH_MASK: tl.constexpr = True,
 ):
     """dX[M, K] (the `fused` strategy): GEMM roles as the plain op's dX kernel (BLOCK_N tiles dX's columns, the
-    reduction steps over the layer's N in BLOCK_K)."""
+    reduction steps over the layer's N in BLOCK_K). HASH_MASK: the compile gate's twin switch (see dora_gemm)."""
     tile_m, tile_c = grouped_tile(tl.program_id(0).to(tl.int64), M, K, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tile_c * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -155,7 +157,7 @@ def dora_dx_kernel(
             acc = tl.dot(scaled, w, acc, input_precision=DOT_PRECISION)
     acc += dora_dx_tile(dy_ptr, part, dh_ptr, a_ptr, seed_ptr, offs_m, offs_c, mask_m, mask_c, R, stride_ar,
                         stride_ak, mask_threshold, inv_keep, HAS_DROPOUT, DOT_PRECISION, BLOCK_R, LORA_FP32,
-                        LORA_PRECISION)
+                        LORA_PRECISION, HASH_MASK)
     tl.store(
         dx_ptr + offs_m[:, None] * stride_dxm + offs_c[None, :] * stride_dxk,
         acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :],
@@ -170,7 +172,7 @@ def dora_dx_add_kernel(
     mask_threshold, inv_keep,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    LORA_FP32: tl.constexpr = False, LORA_PRECISION: tl.constexpr = "ieee",
+    LORA_FP32: tl.constexpr = False, LORA_PRECISION: tl.constexpr = "ieee", HASH_MASK: tl.constexpr = True,
 ):
     """`cublas` with dropout: dX[M, K] += keep ⊙ f·(part + dH·A) in place (dX = dY·W and part = ((g−1)⊙dY)·W
     from cuBLAS); BLOCK_N tiles dX's columns."""
@@ -182,7 +184,7 @@ def dora_dx_add_kernel(
     part = tl.load(part_ptr + offs_m[:, None] * stride_pm + offs_c[None, :] * stride_pk, mask=tile, other=0.0)
     lora = dora_dx_tile(dx_ptr, part.to(tl.float32), dh_ptr, a_ptr, seed_ptr, offs_m, offs_c, mask_m, mask_c, R,
                         stride_ar, stride_ak, mask_threshold, inv_keep, True, DOT_PRECISION, BLOCK_R, LORA_FP32,
-                        LORA_PRECISION)
+                        LORA_PRECISION, HASH_MASK)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_c[None, :] * stride_dxk
     acc = tl.load(dx_ptrs, mask=tile, other=0.0).to(tl.float32) + lora
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=tile)
@@ -254,7 +256,7 @@ def dora_dx(
     has_dropout = dropout_p > 0.0
     lora_fp32, lora_precision = lora_dot(grad_y.dtype, lora_a.dtype)
     launch(
-        dora_dx_kernel, DX, grad_y.device,
+        dora_dx_kernel, TWO_ACC if has_dropout else DX, grad_y.device,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
         (grad_y, weight, g, dh, lora_a, seed if has_dropout else dh, dx, M, N, K, R, m_bucket(M),
          *grad_y.stride(), *weight.stride(), *lora_a.stride(), *dx.stride(),
