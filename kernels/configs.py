@@ -66,9 +66,11 @@ _TABLES = {
         80: [(64, 128, 16, 4, 2, 64), (128, 64, 16, 8, 2), (64, 64, 16, 4, 2)],
     },
     # Two fp32 accumulators per tile: the GEMM table's 128×128 (and wider) tiles spilled on sm_90 (AOT gate,
-    # dora_gemm r = 16: 40 B at 128×128×64 w8, 1,512 B at 128×256), so half-size tiles. Not timed on a GPU.
+    # dora_gemm r = 16: 40 B at 128×128×64 w8, 1,512 B at 128×256), so half-size tiles. 64×128 w4 spilled
+    # 32-464 B at rank block 128 (dX and forward); 64×128 w8 s3 put 34-35 hash instructions per mask element into
+    # the forward (16 mask elements per thread and step carry the row/column keys). Not timed on a GPU.
     TWO_ACC: {
-        90: [(128, 64, 64, 8, 4), (64, 128, 64, 4, 4), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)],
+        90: [(128, 64, 64, 8, 4), (64, 128, 64, 4, 4, 64), (64, 64, 64, 4, 4)],
         80: [(128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (128, 64, 32, 8, 3)],
     },
 }

@@ -386,3 +386,29 @@ def test_autocast_bf16():
     assert inp.magnitude.grad.dtype == torch.float32 and inp.lora_a.grad.dtype == torch.float32
     y_ref = reference.dora_linear(*inp.to64().args())
     assert_close(y, y_ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("p", [0.0, P], ids=["p0", "dropout"])
+def test_timing_runs_return_outputs_that_agree(p):
+    """The dispatcher's timing closures (COMMON contract): each run() returns (y, dx, dA, dB, db, dm) — None for a
+    gradient not needed — and every strategy's outputs agree with aten's on the same inputs and seed (the
+    dispatcher's cross-check; on CPU the mask differs between aten and the kernels, so p > 0 compares shapes)."""
+    from lorafast.dora import functional as dora_functional
+
+    inp = DoraInputs(24, 40, 33, 4)
+    x2 = inp.x.detach()
+    scale = torch.tensor(inp.scaling)
+    needs = (True, True, True, False, True)
+    make_run = dora_functional.step_runner(x2, inp.weight, inp.bias, inp.lora_a, inp.lora_b, inp.magnitude, scale,
+                                           p, needs)
+    outs = {name: make_run(name)() for name in STRATEGIES}
+    for name, out in outs.items():
+        assert len(out) == 6 and out[4] is None and all(t is not None for i, t in enumerate(out) if i != 4), name
+        for got, want in zip(out, outs["aten"]):
+            if got is None:
+                continue
+            assert got.shape == want.shape
+            if p == 0.0:
+                assert rel_err(got, want) < 1e-4, name
+    assert dora_functional.dispatch_op(needs, inp.weight) == "dora"
+    assert dora_functional.dispatch_op((True,) * 4 + (False,), inp.weight.t().contiguous().t()) == "dora-mfrozen-wT"

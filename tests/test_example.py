@@ -81,7 +81,7 @@ def test_main_dora_runs_both_impls_fused(example, monkeypatch, capsys):
     calls = []
     real = peft_dora.fused_dora_forward
     monkeypatch.setattr(peft_dora, "fused_dora_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
-    results = example.main(["--impl", "both", "--dora", "--epochs", "1", "--max-train", "32", "--max-test", "32",
+    results = example.main(["--impl", "both", "--dora", "--epochs", "1", "--max-train", "16", "--max-test", "16",
                             "--batch-size", "16", "--dropout", "0", "--backend", "torch", "--no-progress"])
     peft, fused = results
     assert calls and peft.trainable_params == fused.trainable_params > 0

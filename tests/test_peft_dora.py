@@ -326,6 +326,23 @@ def test_triton_strategy_through_the_patched_layer(dora_calls):
             < 1e-4, name
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_conv1d_triton_strategy(use_dora, op_calls, dora_calls):
+    """GPT-2's Conv1D c_attn (W read through .t()) on backend="fused" (Triton through the interpreter), fp32."""
+    vanilla = build("gpt2", dtype=torch.float32, use_dora=use_dora)
+    layer = patched(vanilla, backend="fused").base_model.model.transformer.h[0].attn.c_attn.train()
+    vlayer = vanilla.base_model.model.transformer.h[0].attn.c_attn.train()
+    x = torch.randn(2, 5, 32)
+    y, y_ref = layer(x), vlayer(x)
+    y.sum().backward()
+    y_ref.sum().backward()
+    assert (dora_calls if use_dora else op_calls) == ["fused"]
+    assert rel_err(y, y_ref) < 1e-5
+    for name in ("lora_A", "lora_B") + (("lora_magnitude_vector",) if use_dora else ()):
+        assert rel_err(getattr(layer, name)["default"].weight.grad, getattr(vlayer, name)["default"].weight.grad) \
+            < 1e-4, name
+
+
 # ---- 4-bit DoRA --------------------------------------------------------------------------------------------
 
 def test_4bit_dora_matches_peft():
