@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from lorafast.kernels import alloc
-from lorafast.kernels.configs import DX, EPILOGUE, SKINNY, TWO_ACC, launch, m_bucket, rank_block, split_for
+from lorafast.kernels.configs import DORA_SKINNY, DX, EPILOGUE, TWO_ACC, launch, m_bucket, rank_block, split_for
 from lorafast.kernels.dropout import dropout_col_keys, dropout_keep, dropout_row_keys, mask_threshold
 from lorafast.kernels.dtypes import dot_precision, lora_dot, skinny_fp32_tiles
 from lorafast.kernels.lora_fwd import grouped_tile
@@ -223,7 +223,7 @@ def dora_grad_h(
     zero = tuple(name for name, t in (("dh_ptr", dh), ("db_lora_ptr", db_lora), ("dbias_ptr", dbias),
                                       ("dm_ptr", dm)) if t is not None)
     launch(
-        dora_grad_h_kernel, SKINNY, dev, grid,
+        dora_grad_h_kernel, DORA_SKINNY, dev, grid,
         (grad_y, zb, lora_b, h, g, inv_norm, scaling, *(t if t is not None else fallback_ptr
                                                         for t in (dh, db_lora, dbias, dm)),
          M, N, R, m_bucket(M), *grad_y.stride(), *zb.stride(), *lora_b.stride(), 1.0 / (1.0 - dropout_p)),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 from unittest import mock
 
-from lorafast.kernels.configs import DX, EPILOGUE, GEMM, SKINNY, TWO_ACC, gpu_configs
+from lorafast.kernels.configs import DORA_SKINNY, DX, EPILOGUE, GEMM, SKINNY, TWO_ACC, gpu_configs
 from lorafast.kernels.dequant import dequant_4bit_kernel, gemm_4bit_kernel
 from lorafast.kernels.lora_bwd import (
     dx_lora_add_kernel,
@@ -337,12 +337,12 @@ def _dora_entries(arch: Union[int, str], dtype: str, block_r: int) -> List[AotEn
         "x_ptr": act, "w_ptr": act, "bias_ptr": act, "y_ptr": act, "dy_ptr": act, "dx_ptr": act, "zb_ptr": act,
         "part_ptr": act, "out_ptr": act, "a_ptr": ad, "b_ptr": ad, "seed_ptr": "*i64",
         "h_ptr": f32, "dh_ptr": f32, "scale_ptr": f32, "db_lora_ptr": f32, "dbias_ptr": f32, "dm_ptr": f32,
-        "g_ptr": f32, "inv_norm_ptr": f32, "m_ptr": f32, "row_sq_ptr": f32,
+        "g_ptr": f32, "inv_norm_ptr": f32, "m_ptr": f32,
     }
     units = {"stride_zn", "stride_pk", "stride_ok"}  # the DoRA kernels' own unit strides (contiguous Zb, part, out)
     # (name, kernel, constexprs, config family, fp32 config table?, min waves, twin flag, mask tile, uses tensor cores)
     rows = [
-        ("dora_norm", dora_norm_kernel, {"NEED_ROW_SQ": True, "BLOCK_R": block_r}, SKINNY, True, 0.0, "", (), False),
+        ("dora_norm", dora_norm_kernel, {"BLOCK_R": block_r}, SKINNY, True, 0.0, "", (), False),
         ("dora_gemm", dora_gemm_kernel, {**common, "HAS_BIAS": True, "HAS_DROPOUT": False, "GROUP_M": 8}, GEMM, fp32,
          0.0, "", (), not fp32),
         ("dora_gemm_dropout", dora_gemm_kernel, {**common, "HAS_BIAS": True, "HAS_DROPOUT": True, "GROUP_M": 8},
@@ -351,7 +351,7 @@ def _dora_entries(arch: Union[int, str], dtype: str, block_r: int) -> List[AotEn
          "", (), not fp32),
         ("dropout_apply", dropout_apply_kernel, {}, EPILOGUE, fp32, 0.0, "HASH_MASK", ("BLOCK_M", "BLOCK_N"), False),
         ("dora_grad_h", dora_grad_h_kernel, {**common, "NEED_DH": True, "NEED_DB_LORA": True, "NEED_DBIAS": True,
-                                             "NEED_DM": True}, SKINNY, fp32, SKINNY_MIN_WAVES, "", (), not fp32),
+                                             "NEED_DM": True}, DORA_SKINNY, fp32, SKINNY_MIN_WAVES, "", (), not fp32),
         ("dora_dx", dora_dx_kernel, {**common, "HAS_DROPOUT": False, "GROUP_M": 8}, DX, fp32, 0.0, "", (),
          not fp32),
         ("dora_dx_dropout", dora_dx_kernel, {**common, "HAS_DROPOUT": True, "GROUP_M": 8}, TWO_ACC, fp32, 0.0,
@@ -363,6 +363,8 @@ def _dora_entries(arch: Union[int, str], dtype: str, block_r: int) -> List[AotEn
     for name, fn, constexprs, kind, fp32_table, min_waves, flag, mask_tile, tensor_cores in rows:
         if name == "dropout_apply" and block_r != DORA_RANK_BLOCKS[0]:
             continue  # no rank-r operand: one rank block covers it
+        if not gpu_configs(kind, arch, fp32_table, block_r):
+            continue  # no config at this rank block: the launchers run `aten` there (dora.functional)
         names = _runtime_args(fn)
         signature = {k: v for k, v in _signature(names, pointers).items() if k not in units}
         consts = {**constexprs, **_units(fn), **{u: 1 for u in units if u in names}}

@@ -75,19 +75,38 @@ def dispatch_op(needs: Sequence[bool], weight: torch.Tensor) -> str:
     return "dora" + ("" if needs[4] else "-mfrozen") + ("-wT" if weight.stride(-1) != 1 else "")
 
 
+# fp32 DoRA above this rank runs `aten` on NVIDIA GPUs: every fp32 config of the dH/dB/dm pass spilled at rank
+# block 128 there (compile gate; kernels/configs.py DORA_SKINNY). AMD (gfx942) compiled it without spills.
+MAX_TRITON_FP32_RANK = 64
+
+
+def triton_dora_fallback(x2: torch.Tensor, lora_a: torch.Tensor) -> Optional[str]:
+    """Why the Triton DoRA strategies cannot run these inputs beyond the plain op's reasons, or None."""
+    if x2.dtype == torch.float32 and lora_a.shape[0] > MAX_TRITON_FP32_RANK and x2.is_cuda and not torch.version.hip:
+        return f"fp32 DoRA at rank {lora_a.shape[0]} > {MAX_TRITON_FP32_RANK} on an NVIDIA GPU"
+    return None
+
+
 def choose_strategy(backend: str, x2, weight, bias, lora_a, lora_b, magnitude, scale, p) -> str:
     """The DoRA strategy for a call on the 2-D ``x2``: on CUDA with "auto", the fastest by
     :func:`lorafast.dispatch.select_call` (key op "dora…"); otherwise :func:`lorafast.dispatch.resolve` (aten on
-    CPU, LORAFAST_STRATEGY, explicit strategies with their device checks and visible fallbacks)."""
+    CPU, LORAFAST_STRATEGY, explicit strategies with their device checks and visible fallbacks), then
+    :func:`triton_dora_fallback`."""
+    dora_reason = triton_dora_fallback(x2, lora_a)
     overridden = os.environ.get(lora_strategies.ENV_STRATEGY)
     if backend == "auto" and not overridden and x2.is_cuda and lora_strategies.triton_available() and \
-            lora_strategies.triton_fallback(x2, lora_a) is None:
+            lora_strategies.triton_fallback(x2, lora_a) is None and dora_reason is None:
         needs5 = grad_needs(x2, weight, bias, lora_a, lora_b, magnitude)
         candidates = ("cublas", "aten") if x2.dtype == torch.float32 else lora_strategies.STRATEGIES
         make_run = step_runner(x2, weight, bias, lora_a, lora_b, magnitude, scale, p, needs5)
         return dispatch.select_call(x2, weight, lora_a, p, needs5[:4], candidates, make_run, DEFAULT_CUDA,
                                     op=dispatch_op(needs5, weight))
-    return dispatch.resolve(backend, x2, weight, lora_a, p, (False,) * 4)
+    name = dispatch.resolve(backend, x2, weight, lora_a, p, (False,) * 4)
+    if name in lora_strategies.TRITON_STRATEGIES and dora_reason is not None:
+        lora_strategies.warn_once("dora-fp32-rank", f"lorafast: {dora_reason}; running the 'aten' strategy instead "
+                                  f"of {name!r}")
+        return "aten"
+    return name
 
 
 def run(

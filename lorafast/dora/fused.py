@@ -22,7 +22,7 @@ from lorafast.kernels.lora_fwd import lora_shrink
 
 
 def norm(weight, lora_a, lora_b, magnitude, scaling, row_sq):
-    """(g, 1/‖W + s·B·A‖, ‖W‖²) (N,) fp32 in one launch (:func:`lorafast.kernels.dora_norm.dora_norm`)."""
+    """(g, 1/‖W + s·B·A‖, row_sq as given) (N,) fp32 in one launch (:func:`lorafast.kernels.dora_norm.dora_norm`)."""
     return dora_norm(weight, lora_a, lora_b, magnitude, scaling, row_sq)
 
 

@@ -27,7 +27,7 @@ def norm_and_forward(
     impl = strategies.get(strategy)
     row_sq = cached_row_sq_norms(weight, norm_key)
     g, inv_norm, fresh = impl.norm(weight, lora_a, lora_b, magnitude, scaling, row_sq)
-    if row_sq is None:
+    if row_sq is None and fresh is not None:  # the Triton norm needs no ‖W‖² and returns None
         store_row_sq_norms(weight, fresh, norm_key)
     y, h, zb = impl.forward(x, weight, bias, lora_a, lora_b, g, scaling, seed, dropout_p)
     return y, h, zb, g, inv_norm

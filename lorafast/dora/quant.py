@@ -20,6 +20,7 @@ import torch
 from lorafast import dispatch
 from lorafast import strategies as lora_strategies
 from lorafast.dora import ops, strategies
+from lorafast.dora.functional import triton_dora_fallback
 from lorafast.functional import _dropout_seed, op_scale, scale_tensor
 from lorafast.qlora import DEFAULT_CUDA, QLoraCall, QuantSnapshot, dequantize
 from lorafast.strategies.aten import as_dtype
@@ -118,7 +119,8 @@ def choose(backend: str, call: QLoraCall, x2: torch.Tensor, magnitude: torch.Ten
     weight_like = torch.empty((snap.shape[0], 0), device="meta")  # only N is read
     have_triton = lora_strategies.triton_available()
     overridden = backend == "auto" and os.environ.get(lora_strategies.ENV_STRATEGY)
-    if backend == "auto" and not overridden and x2.is_cuda and have_triton and \
+    dora_reason = triton_dora_fallback(x2, call.lora_a)
+    if backend == "auto" and not overridden and x2.is_cuda and have_triton and dora_reason is None and \
             lora_strategies.triton_fallback(x2, call.lora_a) is None:
         key = dispatch.StrategyKey.for_call(x2, weight_like, call.lora_a, call.dropout_p, *needs[:4],
                                             op=f"dora-{snap.quant_type}" + ("" if needs[4] else "-mfrozen"))
@@ -126,6 +128,10 @@ def choose(backend: str, call: QLoraCall, x2: torch.Tensor, magnitude: torch.Ten
         name = dispatch.select(key, candidates, _timing_run(x2, call, magnitude, scale, needs), default=DEFAULT_CUDA)
         return name, True
     name = dispatch.resolve(backend, x2, weight_like, call.lora_a, call.dropout_p, needs[:4])
+    if name in lora_strategies.TRITON_STRATEGIES and dora_reason is not None:
+        lora_strategies.warn_once("dora-fp32-rank", f"lorafast: {dora_reason}; running the 'aten' strategy instead "
+                                  f"of {name!r}")
+        name = "aten"
     return name, have_triton and (x2.is_cuda or name in lora_strategies.TRITON_STRATEGIES)
 
 

@@ -10,8 +10,9 @@ dropout mask regenerated from the seed, the same bits as the plain LoRA op's on 
     backward(grad_y, x, weight, lora_a, lora_b, h, zb, g, inv_norm, scaling, seed, dropout_p,
              need_dx, need_da, need_db_lora, need_dbias, need_dm) -> (dx, da, db_lora, dbias, dm)
 
-``row_sq`` is the frozen ‖W‖² (N,) when cached, else None (the strategy computes it and returns it for the
-cache). The names and aliases are the plain op's (:mod:`lorafast.strategies`).
+``row_sq`` is the frozen ‖W‖² (N,) when cached, else None: the aten strategy's factored norm needs it and returns
+it for the cache; the Triton norm (:mod:`lorafast.kernels.dora_norm`) sums (W + s·B·A)² tile by tile, needs none
+and returns ``row_sq`` as given. The names and aliases are the plain op's (:mod:`lorafast.strategies`).
 """
 
 from __future__ import annotations
