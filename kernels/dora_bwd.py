@@ -135,7 +135,8 @@ def dora_dx_kernel(
     mask_m = offs_m < M
     mask_c = offs_c < K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_DROPOUT:
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for j0 in range(0, N, BLOCK_K):
         offs_j = j0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_j = offs_j < N
@@ -155,9 +156,14 @@ def dora_dx_kernel(
         else:
             scaled = (dy.to(tl.float32) * g[None, :]).to(dy.dtype)
             acc = tl.dot(scaled, w, acc, input_precision=DOT_PRECISION)
-    acc += dora_dx_tile(dy_ptr, part, dh_ptr, a_ptr, seed_ptr, offs_m, offs_c, mask_m, mask_c, R, stride_ar,
-                        stride_ak, mask_threshold, inv_keep, HAS_DROPOUT, DOT_PRECISION, BLOCK_R, LORA_FP32,
-                        LORA_PRECISION, HASH_MASK)
+    if HAS_DROPOUT:
+        acc += dora_dx_tile(dy_ptr, part, dh_ptr, a_ptr, seed_ptr, offs_m, offs_c, mask_m, mask_c, R, stride_ar,
+                            stride_ak, mask_threshold, inv_keep, HAS_DROPOUT, DOT_PRECISION, BLOCK_R, LORA_FP32,
+                            LORA_PRECISION, HASH_MASK)
+    else:  # the LoRA dot accumulates into acc itself: no second tile
+        acc = dora_dx_tile(dy_ptr, acc, dh_ptr, a_ptr, seed_ptr, offs_m, offs_c, mask_m, mask_c, R, stride_ar,
+                           stride_ak, mask_threshold, inv_keep, HAS_DROPOUT, DOT_PRECISION, BLOCK_R, LORA_FP32,
+                           LORA_PRECISION, HASH_MASK)
     tl.store(
         dx_ptr + offs_m[:, None] * stride_dxm + offs_c[None, :] * stride_dxk,
         acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :],

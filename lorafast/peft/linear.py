@@ -1,4 +1,4 @@
-"""PEFT's plain LoRA ``Linear`` (``peft.tuners.lora.layer.Linear``) on the fused op.
+"""PEFT's LoRA ``Linear`` (``peft.tuners.lora.layer.Linear``) over ``nn.Linear`` or GPT-2's ``Conv1D`` on the fused op.
 
 :class:`FusedLoraLinear` is a subclass that overrides only ``forward`` (and the name it prints as);
 :func:`lorafast.peft.patch` sets a layer's ``__class__`` to it. Parameters, buffers, submodules, state_dict
@@ -14,15 +14,19 @@ Fused (one ``lora_linear`` call): one or several active vanilla-LoRA adapters (s
 along r with each adapter's scale folded into its B slice), rsLoRA, scaling as float or 0-dim tensor
 (hotswap), ``lora_dropout`` (p read from the adapter's ``nn.Dropout``), bias "none"/"all"/"lora_only"
 (the base bias gets its gradient from the op), ``lora_bias`` (``s·b_B`` folded into the op's bias
-vector, N-sized, no extra M×N pass), fp32 adapters on a bf16/fp16 base, ``torch.autocast``.
+vector, N-sized, no extra M×N pass), fp32 adapters on a bf16/fp16 base, ``torch.autocast``; a ``Conv1D`` base
+(``fan_in_fan_out``: W read through ``weight.t()``, a strided view, never copied). A LoRA variant's adapter (DoRA)
+runs the op its registered :class:`lorafast.peft.core.VariantSupport` gives, on the same plan (this module imports
+no sibling: :mod:`lorafast.peft.patching` registers the variants in the core).
 
 Falls back to PEFT, quietly (PEFT's forward is already just the base layer, or is per-sample):
 adapters disabled, adapters merged, ``adapter_names`` mixed batches, no active adapter on the layer,
 meta-device inputs.
 
 Falls back to PEFT with a one-time warning per reason (and one INFO log line per layer and reason):
-LoRA variants (DoRA, aLoRA, Arrow, VeLoRA, ...), base layer not exactly ``nn.Linear`` (quantized,
-Conv1D / fan_in_fan_out, nested tuners), hooks on the base/LoRA/dropout modules or global module hooks
+LoRA variants without a registered support (aLoRA, Arrow, VeLoRA, ...) and a variant adapter among several active
+ones, base layer not exactly ``nn.Linear`` or ``Conv1D`` (quantized, nested tuners) or a ``fan_in_fan_out`` flag
+that does not match it, hooks on the base/LoRA/dropout (or the variant's) modules or global module hooks
 (DeepSpeed ZeRO-3, accelerate offload, activation capture), extra forward arguments, float64 under
 autocast, mismatched dtypes/devices, a non-``nn.Dropout`` dropout module, dropout p = 1, several
 active adapters with dropout active (PEFT draws an independent mask per adapter) or with different
