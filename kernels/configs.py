@@ -24,6 +24,7 @@ SKINNY = "skinny"      # rank-r passes: shrink (M×K → M×r), dH/dB (M×N → 
 EPILOGUE = "epilogue"  # in-place rank-r updates after a cuBLAS GEMM: Y += s·H·Bᵀ, dX += keep⊙(dH·A)/(1−p)
 TWO_ACC = "two_acc"    # DoRA's GEMMs with dropout (kernels/dora_*.py): GEMM/DX roles, two BLOCK_M×BLOCK_N accumulators
 DORA_SKINNY = "dora_skinny"  # DoRA's dH/dB/db/dm pass: SKINNY roles, more live operands (g⊙B, dYᵀ·H, Zb)
+DORA_GEMM = "dora_gemm"  # DoRA's forward GEMM without dropout: GEMM roles, a g-scaled epilogue that also stores Zb
 
 
 def interpreting() -> bool:
@@ -77,6 +78,11 @@ _TABLES = {
         80: [(128, 64, 32, 4, 4, 64), (64, 128, 32, 4, 4, 64), (64, 64, 32, 4, 4, 64), (128, 64, 32, 8, 3, 64),
              (64, 32, 32, 4, 3)],
     },
+    # GEMM's rows without 128×256 (the DoRA epilogue spilled 512 B there on sm_90, AOT gate, rank block 16).
+    DORA_GEMM: {
+        90: [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4, 64), (128, 64, 64, 8, 4)],
+        80: [(128, 128, 32, 8, 4, 64), (64, 128, 32, 4, 4, 64), (128, 64, 32, 4, 4, 64), (64, 128, 32, 8, 3)],
+    },
     # SKINNY's rows, but 64×64×64 w8 s3 spilled 40 B at rank block 128 on sm_80 in the DoRA pass (it holds g⊙B,
     # the dYᵀ·H tile and Zb besides the plain pass's operands): there 64×32×64 w8 s3 (gate: 248 registers, 0 B).
     DORA_SKINNY: {
@@ -95,6 +101,7 @@ _FP32_TABLE = {
     SKINNY: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 16), (16, 32, 16, 4, 2)],
     EPILOGUE: [(32, 64, 16, 4, 2, 16), (32, 32, 16, 4, 2, 64), (16, 32, 16, 4, 2)],
     TWO_ACC: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
+    DORA_GEMM: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
     # fp32 DoRA dH/dB/dm pass: 32×64 spilled 16-136 B at rank block 16 (sm_80/sm_90), and every tile down to
     # 16×16×16 spilled at rank block 128, so above rank block 64 fp32 DoRA runs `aten` on NVIDIA
     # (lorafast.dora.functional.triton_dora_fallback).
@@ -110,6 +117,8 @@ _AMD_TABLES = {
     EPILOGUE: [(64, 128, 16, 4, 2), (128, 64, 16, 8, 2, 32), (64, 64, 16, 4, 2, 32)],
     TWO_ACC: [(128, 64, 64, 4, 2), (64, 128, 64, 4, 2), (64, 64, 64, 4, 2)],
     DORA_SKINNY: [(64, 64, 64, 4, 2), (128, 32, 32, 4, 2, 32), (32, 128, 128, 4, 2, 32)],
+    # 128×64 w4 spilled 24 B at rank block 128 in the DoRA forward (gfx942 gate).
+    DORA_GEMM: [(128, 128, 64, 8, 2), (64, 128, 64, 4, 2), (128, 64, 64, 4, 2, 64)],
 }
 _AMD_FP32_TABLE = {
     GEMM: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
@@ -118,6 +127,7 @@ _AMD_FP32_TABLE = {
     EPILOGUE: [(32, 64, 16, 4, 2), (32, 32, 16, 4, 2)],
     TWO_ACC: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
     DORA_SKINNY: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
+    DORA_GEMM: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
 }
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
 

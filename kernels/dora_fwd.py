@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from lorafast.kernels import alloc
-from lorafast.kernels.configs import EPILOGUE, GEMM, TWO_ACC, launch, m_bucket, rank_block
+from lorafast.kernels.configs import DORA_GEMM, EPILOGUE, TWO_ACC, launch, m_bucket, rank_block
 from lorafast.kernels.dropout import dropout_col_keys, dropout_keep, dropout_row_keys, mask_threshold
 from lorafast.kernels.dtypes import dot_precision, lora_dot
 from lorafast.kernels.lora_fwd import add_expand_tile, grouped_tile
@@ -73,25 +73,23 @@ def dora_gemm_kernel(
                                 tl.zeros_like(x))
             acc_kept = tl.dot(kept, w, acc_kept, input_precision=DOT_PRECISION)
     g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
-    out = offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tile = mask_m[:, None] & mask_n[None, :]
-    # Zb is stored first, then the LoRA dot accumulates into a tile already live: no third BLOCK_M×BLOCK_N tile
-    # (a separate LoRA tile spilled 512 B at 128×256 on sm_90 and 24 B on gfx942, AOT gate).
+    # The LoRA term in a tile of its own: accumulating it into a live tile instead (after storing Zb) spilled more
+    # on sm_80/sm_90 at rank block 128 (AOT gate: 8-328 B in this kernel and dora_expand), not less.
+    lora = add_expand_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, h_ptr, b_ptr, scale_ptr,
+                           h_factor, offs_m, offs_n, mask_m, mask_n, R, stride_bn, stride_br, DOT_PRECISION,
+                           BLOCK_R, LORA_FP32, LORA_PRECISION)
     if HAS_DROPOUT:
-        tl.store(zb_ptr + out, acc_kept.to(zb_ptr.dtype.element_ty), mask=tile)
-        # X·Wᵀ + (g−1)⊙f·Zb + g⊙L  =  (X·Wᵀ − f·Zb) + g⊙(f·Zb + L), L = f·s·H·Bᵀ (all fp32 in registers).
-        acc = acc - h_factor * acc_kept
-        lora = add_expand_tile(acc_kept * h_factor, x_ptr, h_ptr, b_ptr, scale_ptr, h_factor, offs_m, offs_n, mask_m,
-                               mask_n, R, stride_bn, stride_br, DOT_PRECISION, BLOCK_R, LORA_FP32, LORA_PRECISION)
-        y = acc + g[None, :] * lora
+        zb = acc_kept
+        y = acc + ((g - 1.0) * h_factor)[None, :] * acc_kept + g[None, :] * lora
     else:
-        tl.store(zb_ptr + out, acc.to(zb_ptr.dtype.element_ty), mask=tile)
-        acc = add_expand_tile(acc, x_ptr, h_ptr, b_ptr, scale_ptr, h_factor, offs_m, offs_n, mask_m, mask_n, R,
-                              stride_bn, stride_br, DOT_PRECISION, BLOCK_R, LORA_FP32, LORA_PRECISION)
-        y = g[None, :] * acc
+        zb = acc
+        y = g[None, :] * (acc + lora)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tile = mask_m[:, None] & mask_n[None, :]
     tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=tile)
+    tl.store(zb_ptr + out, zb.to(zb_ptr.dtype.element_ty), mask=tile)
 
 
 @triton.jit
@@ -114,15 +112,15 @@ def dora_expand_kernel(
     zb = tl.load(zb_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn, mask=tile, other=0.0)
     zb = zb.to(tl.float32)
     g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
+    lora = add_expand_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), y_ptr, h_ptr, b_ptr, scale_ptr,
+                           h_factor, offs_m, offs_n, mask_m, mask_n, R, stride_bn, stride_br, DOT_PRECISION,
+                           BLOCK_R, LORA_FP32, LORA_PRECISION)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    if HAS_DROPOUT:  # as in dora_gemm: (P − f·Zb) + g⊙(f·Zb + L), the LoRA dot accumulating into f·Zb
-        y = tl.load(y_ptrs, mask=tile, other=0.0).to(tl.float32) - h_factor * zb
-        lora = add_expand_tile(zb * h_factor, y_ptr, h_ptr, b_ptr, scale_ptr, h_factor, offs_m, offs_n, mask_m,
-                               mask_n, R, stride_bn, stride_br, DOT_PRECISION, BLOCK_R, LORA_FP32, LORA_PRECISION)
-        y += g[None, :] * lora
+    if HAS_DROPOUT:
+        y = tl.load(y_ptrs, mask=tile, other=0.0).to(tl.float32)
+        y += ((g - 1.0) * h_factor)[None, :] * zb + g[None, :] * lora
     else:
-        y = g[None, :] * add_expand_tile(zb, y_ptr, h_ptr, b_ptr, scale_ptr, h_factor, offs_m, offs_n, mask_m, mask_n,
-                                         R, stride_bn, stride_br, DOT_PRECISION, BLOCK_R, LORA_FP32, LORA_PRECISION)
+        y = g[None, :] * (zb + lora)
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=tile)
@@ -174,7 +172,7 @@ def dora_gemm(
     has_dropout = dropout_p > 0.0
     lora_fp32, lora_precision = lora_dot(x.dtype, lora_b.dtype)
     launch(
-        dora_gemm_kernel, TWO_ACC if has_dropout else GEMM, x.device,
+        dora_gemm_kernel, TWO_ACC if has_dropout else DORA_GEMM, x.device,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
         (x, weight, bias if bias is not None else y, h, lora_b, g, scaling, seed if has_dropout else g, y, zb,
          M, N, K, R, m_bucket(M), *x.stride(), *weight.stride(), *lora_b.stride(), *y.stride(),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 from unittest import mock
 
-from lorafast.kernels.configs import DORA_SKINNY, DX, EPILOGUE, GEMM, SKINNY, TWO_ACC, gpu_configs
+from lorafast.kernels.configs import DORA_GEMM, DORA_SKINNY, DX, EPILOGUE, GEMM, SKINNY, TWO_ACC, gpu_configs
 from lorafast.kernels.dequant import dequant_4bit_kernel, gemm_4bit_kernel
 from lorafast.kernels.lora_bwd import (
     dx_lora_add_kernel,
@@ -343,8 +343,8 @@ def _dora_entries(arch: Union[int, str], dtype: str, block_r: int) -> List[AotEn
     # (name, kernel, constexprs, config family, fp32 config table?, min waves, twin flag, mask tile, uses tensor cores)
     rows = [
         ("dora_norm", dora_norm_kernel, {"BLOCK_R": block_r}, SKINNY, True, 0.0, "", (), False),
-        ("dora_gemm", dora_gemm_kernel, {**common, "HAS_BIAS": True, "HAS_DROPOUT": False, "GROUP_M": 8}, GEMM, fp32,
-         0.0, "", (), not fp32),
+        ("dora_gemm", dora_gemm_kernel, {**common, "HAS_BIAS": True, "HAS_DROPOUT": False, "GROUP_M": 8}, DORA_GEMM,
+         fp32, 0.0, "", (), not fp32),
         ("dora_gemm_dropout", dora_gemm_kernel, {**common, "HAS_BIAS": True, "HAS_DROPOUT": True, "GROUP_M": 8},
          TWO_ACC, fp32, 0.0, "HASH_MASK", ("BLOCK_M", "BLOCK_K"), not fp32),
         ("dora_expand", dora_expand_kernel, {**common, "HAS_BIAS": False, "HAS_DROPOUT": True}, EPILOGUE, fp32, 0.0,
