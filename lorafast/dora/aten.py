@@ -1,7 +1,7 @@
 """`aten`: DoRA's fused forward and backward in plain PyTorch ops — the CPU path, and the CUDA strategy that
 needs no Triton.
 
-Notation (lorafast.dora): g = m/‖W + s·B·A‖ (N,, fp32), keep the dropout keep-mask (all ones at p = 0),
+Notation (lorafast.dora): g = m/‖W + s·B·A‖ ((N,), fp32), keep the dropout keep-mask (all ones at p = 0),
 f = 1/(1−p), H = (keep⊙X)·Aᵀ (M×r, unscaled by f), Zb = (keep⊙X)·Wᵀ (M×N, unscaled by f).
 
     Y  = X·Wᵀ + b + (g−1)⊙f·Zb + f·s·H·(g⊙B)ᵀ        (p = 0: Zb = X·Wᵀ, so Y = g⊙Zb + b + s·H·(g⊙B)ᵀ)
