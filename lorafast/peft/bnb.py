@@ -55,15 +55,20 @@ class FusedLoraLinear4bit(PeftLinear4bit):
             # inference kernels beat dequantizing all of W per call (bench --quant nf4, 2-core CPU, eval fwd:
             # the fused path took 3.9x PEFT's time at 256x768->768 and 6.5x at 64x2048->2048). Quietly PEFT's.
             return super().forward(x, *args, **kwargs)
-        planned = self._fused_call(x, args, kwargs)
+        planned = self._fused_plan(x, args, kwargs)
         if isinstance(planned, Fallback):
             report_fallback(self, planned)
             return super().forward(x, *args, **kwargs)
         op, call = planned
         return op(call, getattr(self, BACKEND_ATTR, "auto"))
 
-    def _fused_call(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Union[Fallback, Tuple[Callable, QLoraCall]]:
-        """(the op, its arguments), equivalent to PEFT's forward on this input, or why there are none. The op is
+    def _fused_call(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Union[Fallback, QLoraCall]:
+        """The fused op's arguments, equivalent to PEFT's forward on this input, or why there are none."""
+        planned = self._fused_plan(x, args, kwargs)
+        return planned if isinstance(planned, Fallback) else planned[1]
+
+    def _fused_plan(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Union[Fallback, Tuple[Callable, QLoraCall]]:
+        """(the op, its arguments) for this input, or why there are none. The op is
         :func:`lorafast.qlora.qlora_linear`, or a LoRA variant's (DoRA: core.VariantSupport.quant_op)."""
         if self.disable_adapters:
             return Fallback("adapters disabled")
