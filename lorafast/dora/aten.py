@@ -107,7 +107,7 @@ def forward(
             torch.addcmul(as_dtype(bias, g.dtype), zb, g, out=y)
         lora_in = as_dtype(x, ldt)
     h = rank_r_product(lora_in, as_dtype(lora_a, ldt).t())
-    gb_t = (lora_b.detach().to(g.dtype) * g[:, None]).to(ldt).t()  # (g⊙B)ᵀ: N×r, g folded in
+    gb_t = as_dtype(as_dtype(lora_b, g.dtype) * g[:, None], ldt).t()  # (g⊙B)ᵀ: N×r, g folded in (no grad here)
     h_scaled, alpha = _scaled_product(h, gb_t, scaling, factor)
     if ldt == dtype:
         y.addmm_(h_scaled, gb_t, alpha=alpha)
@@ -149,7 +149,7 @@ def backward(
 
     dh = None  # s·dY·(g⊙B)
     if need_dx or need_da:
-        gb = (lora_b.to(g.dtype) * g[:, None]).to(ldt)
+        gb = as_dtype(as_dtype(lora_b, g.dtype) * g[:, None], ldt)
         dh = rank_r_product(grad_l, gb, s)
         if tensor_scale:
             dh.mul_(as_dtype(scaling, ldt))
@@ -160,10 +160,12 @@ def backward(
     dm = None
     if need_dm:
         scratch = torch.mul(grad_y, zb, out=scratch_like(grad_y))
-        lora_part = torch.linalg.vecdot(lora_b.to(acc), t, dim=1)
+        lora_part = torch.linalg.vecdot(as_dtype(lora_b, acc), t, dim=1)
         if tensor_scale:
             lora_part = lora_part.mul_(scaling)
-        dm = scratch.sum(0, dtype=acc).add_(lora_part, alpha=s).mul_(inv_norm.to(acc)).mul_(factor)
+        dm = scratch.sum(0, dtype=acc).add_(lora_part, alpha=s).mul_(as_dtype(inv_norm, acc))
+        if factor != 1.0:
+            dm.mul_(factor)
     keep = None
     if dropout_p > 0.0 and (need_dx or need_da):
         keep = dropout_keep_mask(seed, M, K, dropout_p, ldt)
@@ -193,8 +195,9 @@ def backward(
         da = as_dtype(scaled_mm(dh.t(), lora_in, factor), acc)
     db_lora = None
     if need_db_lora:
-        db_lora = t * g.to(acc)[:, None]
-        db_lora.mul_(s * factor)
+        db_lora = t * as_dtype(g, acc)[:, None]
+        if s * factor != 1.0:
+            db_lora.mul_(s * factor)
         if tensor_scale:
             db_lora.mul_(scaling)
     dbias = grad_y.sum(0, dtype=acc) if need_dbias else None

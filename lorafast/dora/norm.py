@@ -20,7 +20,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lorafast.strategies.aten import accum_dtype
+from lorafast.strategies.aten import accum_dtype, as_dtype
 
 # Rows of a 16-bit W are widened to fp32 this many elements at a time (4 MiB of fp32): bounded memory.
 CHUNK_ELEMENTS = 1 << 20
@@ -111,7 +111,7 @@ def clear_cache() -> None:
 def weight_times_adapter(weight: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
     """W·Aᵀ (N, r) in :func:`norm_dtype`: weight (N, K) any strides, lora_a (r, K) any float dtype (cast up)."""
     dtype = norm_dtype(weight.dtype)
-    a_t = lora_a.to(dtype).t()
+    a_t = as_dtype(lora_a, dtype).t()
     N = weight.shape[0]
     out = torch.empty((a_t.shape[1], N), dtype=dtype, device=weight.device).t()
     for start, rows in _row_chunks(weight, dtype):
@@ -136,9 +136,9 @@ def norm_terms(
     """
     with torch.no_grad():
         dtype = row_sq.dtype
-        a = lora_a.to(dtype)
-        b = lora_b.to(dtype)
-        s = scaling.to(dtype) if isinstance(scaling, torch.Tensor) else float(scaling)
+        a = as_dtype(lora_a, dtype)
+        b = as_dtype(lora_b, dtype)
+        s = as_dtype(scaling, dtype) if isinstance(scaling, torch.Tensor) else float(scaling)
         # 2s·W·Aᵀ + s²·B·(A·Aᵀ) in one addmm, then the row dot with B: ‖W‖² + B·(2s·W·Aᵀ + s²·B·A·Aᵀ).
         cross = weight_times_adapter(weight, a)
         if isinstance(s, torch.Tensor):
@@ -147,4 +147,4 @@ def norm_terms(
             cross = torch.addmm(cross, b, a @ a.t(), beta=2 * s, alpha=s * s)
         sq = torch.linalg.vecdot(b, cross, dim=1).add_(row_sq)
         inv_norm = sq.clamp_min_(0).rsqrt_()
-        return magnitude.detach().to(dtype) * inv_norm, inv_norm
+        return as_dtype(magnitude, dtype) * inv_norm, inv_norm
