@@ -13,10 +13,13 @@ accuracies agree statistically, not bit for bit; with --dropout 0 they agree to 
     python examples/finetune_classifier.py --impl both --sweep --epochs 1
     python examples/finetune_classifier.py --task emotion --epochs 4
     python examples/finetune_classifier.py --impl both --quant nf4   # QLoRA: the base loaded in 4-bit
+    python examples/finetune_classifier.py --impl both --dora        # DoRA (LoraConfig(use_dora=True))
 
 With --quant nf4/fp4 the base model is loaded in 4-bit through bitsandbytes (transformers'
 BitsAndBytesConfig, double quantization, compute dtype --compute-dtype; on CPU too) and PEFT builds its
 QLoRA layers (peft.tuners.lora.bnb.Linear4bit); lorafast.patch runs them on the fused QLoRA path.
+With --dora PEFT builds DoRA adapters (use_dora=True: a trained magnitude per output row); lorafast.patch runs
+them on the fused DoRA path (docs/dora.md), with --quant too (4-bit DoRA).
     # online, needs `pip install datasets`:
     python examples/finetune_classifier.py --model distilbert-base-uncased --dataset emotion
 """
@@ -86,6 +89,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="load the base model in 4-bit with bitsandbytes (QLoRA)")
     parser.add_argument("--compute-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="bitsandbytes compute dtype of the 4-bit layers (with --quant)")
+    parser.add_argument("--dora", action="store_true", help="DoRA adapters (LoraConfig(use_dora=True))")
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16)
     parser.add_argument("--dropout", type=float, default=0.1)
@@ -201,7 +205,7 @@ def build_model(model_path: str, num_labels: int, r: int, alpha: float, args: ar
                                                                              **quant_kwargs)
     targets = args.targets.split(",") if args.targets else None
     config = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=alpha, lora_dropout=args.dropout,
-                        target_modules=targets)
+                        target_modules=targets, use_dora=args.dora)
     model = get_peft_model(model, config)
     if args.quant == "none":  # a 4-bit model was placed by device_map (and cannot be moved with .to)
         model = model.to(args.device)
@@ -339,7 +343,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Result]:
           f"{len(test_texts)} test, labels {split.label_names}\ndevice {device_name} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}, dropout {args.dropout}, "
           f"{args.epochs} epoch(s), batch {args.batch_size}, lr {args.lr}"
-          + (f", base in 4-bit {args.quant} (compute {args.compute_dtype})" if args.quant != "none" else ""))
+          + (f", base in 4-bit {args.quant} (compute {args.compute_dtype})" if args.quant != "none" else "")
+          + (", DoRA" if args.dora else ""))
     results = []
     for r, alpha in grid:
         results.extend(train_and_evaluate(impls, r, alpha, args, model_path, split, tokenizer))

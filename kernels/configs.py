@@ -22,6 +22,9 @@ GEMM = "gemm"          # Y = X·Wᵀ + LoRA epilogue: BLOCK_M × BLOCK_N output 
 DX = "dx"              # dX = dY·W + LoRA epilogue: same roles (BLOCK_N tiles dX's K columns, BLOCK_K steps over N)
 SKINNY = "skinny"      # rank-r passes: shrink (M×K → M×r), dH/dB (M×N → M×r, N×r), dA (M×K → r×K)
 EPILOGUE = "epilogue"  # in-place rank-r updates after a cuBLAS GEMM: Y += s·H·Bᵀ, dX += keep⊙(dH·A)/(1−p)
+TWO_ACC = "two_acc"    # DoRA's GEMMs with dropout (kernels/dora_*.py): GEMM/DX roles, two BLOCK_M×BLOCK_N accumulators
+DORA_SKINNY = "dora_skinny"  # DoRA's dH/dB/db/dm pass: SKINNY roles, more live operands (g⊙B, dYᵀ·H, Zb)
+DORA_GEMM = "dora_gemm"  # DoRA's forward GEMM without dropout: GEMM roles, a g-scaled epilogue that also stores Zb
 
 
 def interpreting() -> bool:
@@ -66,6 +69,29 @@ _TABLES = {
         90: [(64, 128, 16, 4, 2), (128, 128, 16, 8, 2), (64, 64, 16, 4, 2)],
         80: [(64, 128, 16, 4, 2, 64), (128, 64, 16, 8, 2), (64, 64, 16, 4, 2)],
     },
+    # Two fp32 accumulators per tile: the GEMM table's 128×128 (and wider) tiles spilled on sm_90 (AOT gate,
+    # dora_gemm r = 16: 40 B at 128×128×64 w8, 1,512 B at 128×256), so half-size tiles. 64×128 w4 spilled
+    # 32-464 B at rank block 128 (dX and forward); 64×128 w8 s3 put 34-35 hash instructions per mask element into
+    # the forward (16 mask elements per thread and step carry the row/column keys). Not timed on a GPU.
+    TWO_ACC: {
+        90: [(128, 64, 64, 8, 4), (64, 128, 64, 4, 4, 64), (64, 64, 64, 4, 4)],
+        # At rank block 128 the first four spilled 40-952 B on sm_80 (and 64×128 put 49 hash instructions per mask
+        # element in the forward); 64×32 at 3 stages passed (32×64 too, but with 32.6 at rank block 16).
+        80: [(128, 64, 32, 4, 4, 64), (64, 128, 32, 4, 4, 64), (64, 64, 32, 4, 4, 64), (128, 64, 32, 8, 3, 64),
+             (64, 32, 32, 4, 3)],
+    },
+    # GEMM's rows without 128×256 (the DoRA epilogue spilled 512 B there on sm_90, AOT gate, rank block 16).
+    DORA_GEMM: {
+        90: [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4, 64), (128, 64, 64, 8, 4)],
+        80: [(128, 128, 32, 8, 4, 64), (64, 128, 32, 4, 4, 64), (128, 64, 32, 4, 4, 64), (64, 128, 32, 8, 3)],
+    },
+    # SKINNY's rows, but 64×64×64 w8 s3 spilled 40 B at rank block 128 on sm_80 in the DoRA pass (it holds g⊙B,
+    # the dYᵀ·H tile and Zb besides the plain pass's operands): there 64×32×64 w8 s3 (gate: 248 registers, 0 B).
+    DORA_SKINNY: {
+        90: [(64, 64, 64, 4, 4, 64), (128, 32, 32, 4, 4, 32), (32, 128, 128, 4, 3, 32), (64, 64, 64, 8, 3)],
+        80: [(64, 64, 64, 4, 4, 64), (128, 32, 32, 4, 4, 32), (32, 128, 64, 4, 3, 32), (64, 64, 64, 8, 3, 64),
+             (64, 32, 64, 8, 3)],
+    },
 }
 # fp32 operands are twice as wide and IEEE dots run on FMA units, so fp32 gets small tiles (64×128 and 64×64
 # tiles spilled 288–8,568 B in the dH/dB and dA passes). fp32 is a correctness path for the fused GEMMs; on
@@ -76,6 +102,12 @@ _FP32_TABLE = {
     DX: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
     SKINNY: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 16), (16, 32, 16, 4, 2, 64), (16, 16, 16, 4, 2)],
     EPILOGUE: [(32, 64, 16, 4, 2, 16), (32, 32, 16, 4, 2, 64), (16, 32, 16, 4, 2)],
+    TWO_ACC: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
+    DORA_GEMM: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
+    # fp32 DoRA dH/dB/dm pass: 32×64 spilled 16-136 B at rank block 16 (sm_80/sm_90), and every tile down to
+    # 16×16×16 spilled at rank block 128, so above rank block 64 fp32 DoRA runs `aten` on NVIDIA
+    # (lorafast.dora.functional.triton_dora_fallback).
+    DORA_SKINNY: [(32, 32, 32, 4, 2, 64)],
 }
 # AMD CDNA3 (MI300, gfx942; warp = 64-lane wavefront): 64 KiB of LDS per workgroup, so the NVIDIA
 # tables' deep pipelines do not fit; Triton's AMD stream pipeliner runs num_stages = 2. Rows from the
@@ -85,12 +117,19 @@ _AMD_TABLES = {
     DX: [(128, 128, 64, 8, 2, 64), (64, 128, 64, 4, 2), (128, 64, 64, 4, 2)],
     SKINNY: [(64, 64, 64, 4, 2), (128, 32, 32, 4, 2, 32), (32, 128, 128, 4, 2, 32)],
     EPILOGUE: [(64, 128, 16, 4, 2), (128, 64, 16, 8, 2, 32), (64, 64, 16, 4, 2, 32)],
+    TWO_ACC: [(128, 64, 64, 4, 2), (64, 128, 64, 4, 2), (64, 64, 64, 4, 2)],
+    DORA_SKINNY: [(64, 64, 64, 4, 2), (128, 32, 32, 4, 2, 32), (32, 128, 128, 4, 2, 32)],
+    # 128×64 w4 spilled 24 B at rank block 128 in the DoRA forward (gfx942 gate).
+    DORA_GEMM: [(128, 128, 64, 8, 2), (64, 128, 64, 4, 2), (128, 64, 64, 4, 2, 64)],
 }
 _AMD_FP32_TABLE = {
     GEMM: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
     DX: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
     SKINNY: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
     EPILOGUE: [(32, 64, 16, 4, 2), (32, 32, 16, 4, 2)],
+    TWO_ACC: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
+    DORA_SKINNY: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
+    DORA_GEMM: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
 }
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
 

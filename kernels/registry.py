@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 from unittest import mock
 
-from lorafast.kernels.configs import DX, EPILOGUE, GEMM, SKINNY, gpu_configs
+from lorafast.kernels.configs import DORA_GEMM, DORA_SKINNY, DX, EPILOGUE, GEMM, SKINNY, TWO_ACC, gpu_configs
 from lorafast.kernels.dequant import dequant_4bit_kernel, gemm_4bit_kernel
 from lorafast.kernels.lora_bwd import (
     dx_lora_add_kernel,
@@ -266,3 +266,138 @@ def aot_entries_ci(arch: Union[int, str]) -> List[AotEntry]:
         for dtype, block_r, n in subset for e in _entries(arch, dtype, block_r)
     ]
     return lora + _dequant_entries(arch)
+
+
+# ---- DoRA (issue 19) and W read transposed (GPT-2 Conv1D, fan_in_fan_out) ------------------------------------
+
+def _dora_launcher_calls(M: int, K: int, N: int, act, r: int = 16) -> Dict[str, Callable[[], object]]:
+    """One call of each DoRA launcher on meta tensors (the gate stubs `launch` to read the grid)."""
+    import torch
+
+    from lorafast.kernels import dora_bwd, dora_fwd, dora_norm
+
+    f32 = torch.float32
+    x, w, bias, a, b = _meta((M, K), act), _meta((N, K), act), _meta((N,), act), _meta((r, K), f32), _meta((N, r), f32)
+    h, dy, seed, scale, vec = _meta((M, r), f32), _meta((M, N), act), _meta((1,), torch.int64), _meta((), f32), \
+        _meta((N,), f32)
+    outs = (_meta((N, r), f32), vec, vec)
+    return {
+        "dora_norm": lambda: dora_norm.dora_norm(w, a, b, vec, scale, None),
+        "dora_gemm": lambda: dora_fwd.dora_gemm(x, w, bias, h, b, vec, scale, seed, 0.1),
+        "dora_expand": lambda: dora_fwd.dora_expand(dy, dy, bias, h, b, vec, scale, 0.1),
+        "dropout_apply": lambda: dora_fwd.dropout_apply(x, seed, 0.1),
+        "dora_grad_h": lambda: dora_bwd.dora_grad_h(dy, dy, b, h, vec, vec, scale, 0.1, True, outs),
+        "dora_dx": lambda: dora_bwd.dora_dx(dy, w, vec, h, a, seed, 0.1),
+        "dora_dx_add": lambda: dora_bwd.dora_dx_add(x, x, h, a, seed, 0.1),
+    }
+
+
+def dora_launcher_grid(kernel: str, meta: Dict[str, object], shape: Tuple[int, int, int], num_sms: int,
+                       dtype: str = "bf16") -> Tuple[int, ...]:
+    """:func:`launcher_grid` for the DoRA launchers (kernels/dora_*.py)."""
+    import torch
+
+    from lorafast.kernels import configs, dora_bwd, dora_fwd, dora_norm
+
+    captured = []
+
+    def capture(fn, kind, device, grid, args, *rest, **kwargs):
+        captured.append(grid)
+
+    act = torch.bfloat16 if dtype == "bf16" else torch.float32
+    with contextlib.ExitStack() as stack:
+        for module in (dora_fwd, dora_bwd, dora_norm):
+            stack.enter_context(mock.patch.object(module, "launch", capture))
+        stack.enter_context(mock.patch.object(configs, "num_sms", lambda device: num_sms))
+        _dora_launcher_calls(*shape, act)[kernel]()
+        if len(captured) != 1:
+            raise RuntimeError(f"{kernel}: expected one launch, saw {len(captured)}")
+        return tuple(int(g) for g in captured[0](dict(meta)))
+
+
+def _transposed_w(signature: Dict[str, str], constexprs: Dict[str, object]) -> Tuple[Dict[str, str], Dict]:
+    """The variant the JIT builds for W read as a Conv1D weight's ``.t()`` view: stride_wn = 1, stride_wk = N."""
+    signature = {k: v for k, v in signature.items() if k != "stride_wn"}
+    signature["stride_wk"] = "i32:16"
+    constexprs = {k: v for k, v in constexprs.items() if k != "stride_wk"}
+    return signature, {**constexprs, "stride_wn": 1}
+
+
+def _dora_entries(arch: Union[int, str], dtype: str, block_r: int) -> List[AotEntry]:
+    from lorafast.kernels.dora_bwd import dora_dx_add_kernel, dora_dx_kernel, dora_grad_h_kernel
+    from lorafast.kernels.dora_fwd import dora_expand_kernel, dora_gemm_kernel, dropout_apply_kernel
+    from lorafast.kernels.dora_norm import dora_norm_kernel
+
+    adapter = AOT_DTYPES[dtype]
+    fp32 = dtype == "fp32"
+    precision = "ieee" if fp32 else "tf32"
+    common = {"DOT_PRECISION": precision, "BLOCK_R": block_r}
+    act, ad, f32 = f"*{dtype}", f"*{adapter}", "*fp32"
+    pointers = {
+        "x_ptr": act, "w_ptr": act, "bias_ptr": act, "y_ptr": act, "dy_ptr": act, "dx_ptr": act, "zb_ptr": act,
+        "part_ptr": act, "out_ptr": act, "a_ptr": ad, "b_ptr": ad, "seed_ptr": "*i64",
+        "h_ptr": f32, "dh_ptr": f32, "scale_ptr": f32, "db_lora_ptr": f32, "dbias_ptr": f32, "dm_ptr": f32,
+        "g_ptr": f32, "inv_norm_ptr": f32, "m_ptr": f32,
+    }
+    units = {"stride_zn", "stride_pk", "stride_ok"}  # the DoRA kernels' own unit strides (contiguous Zb, part, out)
+    # (name, kernel, constexprs, config family, fp32 config table?, min waves, twin flag, mask tile, uses tensor cores)
+    rows = [
+        ("dora_norm", dora_norm_kernel, {"BLOCK_R": block_r}, SKINNY, True, 0.0, "", (), False),
+        ("dora_gemm", dora_gemm_kernel, {**common, "HAS_BIAS": True, "HAS_DROPOUT": False, "GROUP_M": 8}, DORA_GEMM,
+         fp32, 0.0, "", (), not fp32),
+        ("dora_gemm_dropout", dora_gemm_kernel, {**common, "HAS_BIAS": True, "HAS_DROPOUT": True, "GROUP_M": 8},
+         TWO_ACC, fp32, 0.0, "HASH_MASK", ("BLOCK_M", "BLOCK_K"), not fp32),
+        ("dora_expand", dora_expand_kernel, {**common, "HAS_BIAS": False, "HAS_DROPOUT": True}, EPILOGUE, fp32, 0.0,
+         "", (), not fp32),
+        ("dropout_apply", dropout_apply_kernel, {}, EPILOGUE, fp32, 0.0, "HASH_MASK", ("BLOCK_M", "BLOCK_N"), False),
+        ("dora_grad_h", dora_grad_h_kernel, {**common, "NEED_DH": True, "NEED_DB_LORA": True, "NEED_DBIAS": True,
+                                             "NEED_DM": True}, DORA_SKINNY, fp32, SKINNY_MIN_WAVES, "", (), not fp32),
+        ("dora_dx", dora_dx_kernel, {**common, "HAS_DROPOUT": False, "GROUP_M": 8}, DX, fp32, 0.0, "", (),
+         not fp32),
+        ("dora_dx_dropout", dora_dx_kernel, {**common, "HAS_DROPOUT": True, "GROUP_M": 8}, TWO_ACC, fp32, 0.0,
+         "HASH_MASK", ("BLOCK_M", "BLOCK_N"), not fp32),
+        ("dora_dx_add", dora_dx_add_kernel, common, EPILOGUE, fp32, 0.0, "HASH_MASK", ("BLOCK_M", "BLOCK_N"),
+         not fp32),
+    ]
+    entries = []
+    for name, fn, constexprs, kind, fp32_table, min_waves, flag, mask_tile, tensor_cores in rows:
+        if name == "dropout_apply" and block_r != DORA_RANK_BLOCKS[0]:
+            continue  # no rank-r operand: one rank block covers it
+        if not gpu_configs(kind, arch, fp32_table, block_r):
+            continue  # no config at this rank block: the launchers run `aten` there (dora.functional)
+        names = _runtime_args(fn)
+        signature = {k: v for k, v in _signature(names, pointers).items() if k not in units}
+        consts = {**constexprs, **_units(fn), **{u: 1 for u in units if u in names}}
+        launcher = name.replace("_dropout", "")
+        entries.append(AotEntry(
+            f"{name}[r{block_r}]", fn, signature, consts, gpu_configs(kind, arch, fp32_table, block_r), tensor_cores,
+            arch, dtype, min_waves=min_waves, dropout_flag=flag, mask_tile=mask_tile,
+            launch_grid=lambda meta, shape, sms, _n=launcher, _d=dtype: dora_launcher_grid(_n, meta, shape, sms, _d),
+        ))
+        if name in ("dora_norm", "dora_gemm", "dora_dx", "dora_gemm_dropout", "dora_dx_dropout"):
+            # W read transposed: GPT-2's Conv1D weight
+            t_signature, t_consts = _transposed_w(signature, consts)
+            entries.append(dataclasses.replace(entries[-1], name=f"{name}[r{block_r},wT]", signature=t_signature,
+                                               constexprs=t_consts))
+    return entries
+
+
+def _plain_transposed_w_entries(arch: Union[int, str], dtype: str, block_r: int) -> List[AotEntry]:
+    """The plain op's two GEMMs as they compile for a Conv1D layer (fan_in_fan_out: W read through ``.t()``)."""
+    return [
+        dataclasses.replace(e, name=e.name.replace("]", ",wT]"),
+                            signature=_transposed_w(e.signature, e.constexprs)[0],
+                            constexprs=_transposed_w(e.signature, e.constexprs)[1])
+        for e in _entries(arch, dtype, block_r) if e.name.split("[")[0] in ("lora_expand_gemm", "dx_with_lora_epilogue")
+    ]
+
+
+DORA_RANK_BLOCKS = (16, 128)  # the extremes: rank 16 (the common case) and 128 (the most live registers)
+
+
+def dora_aot_entries(arch: Union[int, str]) -> List[AotEntry]:
+    """The DoRA kernels (kernels/dora_*.py) and the W-transposed (Conv1D) variants of the plain and DoRA GEMMs,
+    bf16 and fp32 at rank blocks 16 and 128: ``python -m lorafast.aot --entries
+    lorafast.kernels.registry:dora_aot_entries --arch 80 --arch 90 --arch gfx942``."""
+    return [e for dtype in AOT_DTYPES for block_r in DORA_RANK_BLOCKS
+            for e in (*_dora_entries(arch, dtype, block_r), *_plain_transposed_w_entries(arch, dtype, block_r))]

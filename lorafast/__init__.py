@@ -5,6 +5,7 @@ Public API::
     lorafast.lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0,
                          training=False, backend="auto")
     lorafast.reference.lora_linear(...)      # plain PyTorch oracle, same signature
+    lorafast.dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scaling, ...)   # DoRA, PEFT's math
     lorafast.LoRALinear(...), lorafast.LoRALinear.from_linear(linear, ...)
     lorafast.patch(peft_model), lorafast.unpatch(peft_model)   # PEFT drop-in
     lorafast.tune(model, *example_inputs)    # pre-time backend="auto"'s strategies for a model's shapes (CUDA)
@@ -13,6 +14,7 @@ Public API::
 
 from lorafast import reference
 from lorafast.dispatch import tune
+from lorafast.dora import dora_linear
 from lorafast.functional import lora_linear
 from lorafast.kernels.dtypes import set_adapter_precision
 from lorafast.modules import LoRALinear
@@ -39,4 +41,7 @@ def unpatch(model):
     return _unpatch(model)
 
 
-__all__ = ["LoRALinear", "lora_linear", "patch", "reference", "set_adapter_precision", "tune", "unpatch", "__version__"]
+__all__ = [
+    "LoRALinear", "dora_linear", "lora_linear", "patch", "reference", "set_adapter_precision", "tune", "unpatch",
+    "__version__",
+]

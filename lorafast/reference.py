@@ -55,3 +55,66 @@ def lora_linear(
             lora_in = lora_in * dropout_mask.to(lora_in.dtype) / (1.0 - dropout_p)
     lora = F.linear(F.linear(lora_in, lora_a), lora_b) * scaling
     return (result + lora).to(x.dtype)
+
+
+def dora_weight_norm(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: Scaling
+) -> torch.Tensor:
+    """PEFT's DoRA weight norm ‖W + s·B·A‖ per output row, dense (it builds the N×K sum, as PEFT does).
+
+    weight (N, K) is cast to the adapters' dtype first (PEFT casts it to the LoRA input's dtype); returns
+    (N,) in that dtype, with no gradient (PEFT detaches it: DoRA paper §4.3).
+    """
+    with torch.no_grad():
+        w = weight.to(lora_a.dtype)
+        return torch.linalg.norm(w + scaling * (lora_b @ lora_a), dim=1)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: Scaling,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    backend: str = "auto",
+    *,
+    dropout_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Reference DoRA linear, PEFT 0.21's ``DoraLinearVariant.forward`` for one adapter.
+
+    With g = m / ‖W + s·B·A‖_row (the norm detached) and D = drop(X):
+
+    - no dropout (p = 0, or eval): Y = g ⊙ (X·Wᵀ + s·(X·Aᵀ)·Bᵀ) + b;
+    - training with p > 0:         Y = X·Wᵀ + b + (g − 1) ⊙ (D·Wᵀ) + g ⊙ s·(D·Aᵀ)·Bᵀ.
+
+    Both are ``result + (g − 1)·base + g·s·lora`` with result = X·Wᵀ + b, base = (X or D)·Wᵀ, lora = (X or
+    D)·Aᵀ·Bᵀ; PEFT forms the no-dropout base as ``result − b``, which is the same math (this oracle computes
+    X·Wᵀ directly). The LoRA side, W in it and the norm run in the adapters' dtype (PEFT casts x to
+    ``lora_A``'s dtype), the result is cast back to x's dtype.
+
+    Args:
+        x: (..., K); weight: (N, K) in x's dtype; bias: (N,) or None.
+        lora_a: (r, K); lora_b: (N, r); magnitude: (N,) — PEFT's ``lora_magnitude_vector[name].weight``.
+        scaling: python float or 0-dim tensor s. dropout_p, training: as :func:`lora_linear`.
+        dropout_mask: optional boolean keep-mask broadcastable to ``x`` replacing the random one.
+
+    Returns:
+        (..., N) in x's dtype.
+    """
+    del backend
+    result = F.linear(x, weight, bias)
+    lora_in = x.to(lora_a.dtype)
+    weight_l = weight.to(lora_a.dtype)
+    g = magnitude / dora_weight_norm(weight, lora_a, lora_b, scaling)
+    if training and dropout_p > 0.0:
+        if dropout_mask is None:
+            lora_in = F.dropout(lora_in, p=dropout_p, training=True)
+        else:
+            lora_in = lora_in * dropout_mask.to(lora_in.dtype) / (1.0 - dropout_p)
+    base = F.linear(lora_in, weight_l)
+    lora = F.linear(F.linear(lora_in, lora_a), lora_b)
+    return (result + (g - 1) * base + g * lora * scaling).to(x.dtype)

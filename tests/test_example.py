@@ -69,3 +69,22 @@ def test_build_model_patches_qlora_layers(example):
     model = example.build_model(example.bundled_model_dir(), 2, 4, 8, args, "lorafast")
     patched = [m for m in model.modules() if type(m) is FusedLoraLinear4bit]
     assert len(patched) == 12  # query and value in each of the 6 layers (PEFT's default BERT targets)
+
+
+def test_main_dora_runs_both_impls_fused(example, monkeypatch, capsys):
+    """--dora: PEFT DoRA adapters; the patched run takes the fused DoRA path (no fallback) and, without dropout,
+    the same loss as PEFT to rounding."""
+    import lorafast.peft.dora as peft_dora
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    calls = []
+    real = peft_dora.fused_dora_forward
+    monkeypatch.setattr(peft_dora, "fused_dora_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = example.main(["--impl", "both", "--dora", "--epochs", "1", "--max-train", "16", "--max-test", "16",
+                            "--batch-size", "16", "--dropout", "0", "--backend", "torch", "--no-progress"])
+    peft, fused = results
+    assert calls and peft.trainable_params == fused.trainable_params > 0
+    assert fused.final_loss == pytest.approx(peft.final_loss, rel=1e-4)
+    assert ", DoRA" in capsys.readouterr().out
+

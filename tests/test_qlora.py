@@ -248,14 +248,17 @@ def test_quiet_fallbacks_match_peft(state):
             assert torch.equal(layer(x), peft_layer(x))
 
 
-def test_dora_falls_back_with_one_warning():
+def test_dora_among_two_active_adapters_falls_back_with_one_warning():
+    # One DoRA adapter runs fused (tests/test_peft_dora.py); PEFT applies several active adapters in turn.
     net = Net(64, 32)
     peft_model = get_peft_model(net, LoraConfig(r=4, target_modules=["proj"], use_dora=True))
+    peft_model.add_adapter("second", LoraConfig(r=2, target_modules=["proj"]))
+    peft_model.base_model.set_adapter(["default", "second"])
     fused_model = copy.deepcopy(peft_model)
     lorafast.patch(fused_model)
     x = torch.randn(3, 64)
     layer, peft_layer = fused_model.base_model.model.proj, peft_model.base_model.model.proj
-    with pytest.warns(UserWarning, match="LoRA variant"):
+    with pytest.warns(UserWarning, match="several active adapters with a LoRA variant"):
         y = layer(x)
     assert torch.equal(y, peft_layer(x))
 

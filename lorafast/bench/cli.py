@@ -68,6 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quant", default=None, choices=["nf4"], help="only the QLoRA comparison (bitsandbytes 4-bit) vs PEFT"
     )
+    parser.add_argument(
+        "--dora",
+        action="store_true",
+        help="only the DoRA comparison (issue 19): PEFT DoRA, lorafast DoRA (patched layer and per strategy), PEFT "
+        "and lorafast LoRA, the frozen base; default shapes 2048,768,768 r=8 and 512,2048,5632 r=16 on CPU",
+    )
     parser.add_argument("--quick", action="store_true", help="fewer ranks and repeats (~30 s on a 2-core CPU)")
     parser.add_argument(
         "--cuda-graphs",
@@ -120,8 +126,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     for r in ranks:
         if r < 1:
             raise ValueError(f"--rank: r must be >= 1, got {r}")
-    if args.host and args.quant:
-        raise ValueError("--host and --quant: choose one")
+    if sum(bool(flag) for flag in (args.host, args.quant, getattr(args, "dora", False))) > 1:
+        raise ValueError("--host, --quant and --dora: choose one")
     return BenchConfig(
         shapes=shapes,
         ranks=ranks,
@@ -161,6 +167,26 @@ def _quant_only(config: BenchConfig, args: argparse.Namespace) -> Dict[str, obje
     return report
 
 
+def _dora_only(config: BenchConfig, args: argparse.Namespace) -> Dict[str, object]:
+    from lorafast.bench.dora import DORA_CASES, DoraConfig, run_dora
+
+    on_gpu = config.device.type == "cuda"
+    if args.shapes:
+        cases = [(shape, rank) for shape in config.shapes for rank in config.ranks]
+    else:
+        cases = [(shape, args.rank[0]) if args.rank else (shape, rank)
+                 for shape, rank in DORA_CASES["cuda" if on_gpu else "cpu"]]
+    dora = DoraConfig(
+        cases=cases, dropouts=config.dropouts, dtype=config.dtype, device=config.device,
+        strategies=config.strategies, backend=config.backend, adapter_dtype=config.adapter_dtype,
+        quick=config.quick, cpu_budget_s=config.cpu_budget_s, seed=config.seed,
+    )  # fmt: skip
+    report = {"environment": environment(config), "results": [], "failures": [], "complete": False}
+    report["dora"] = run_dora(dora)
+    report["complete"] = True
+    return report
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the bench for parsed ``args``; exit status 1 if any implementation failed its check."""
     if args.threads is not None:
@@ -183,12 +209,14 @@ def run(args: argparse.Namespace) -> int:
                 f"lorafast bench: load average {load:.1f} on {cores} cores; CPU timings will be disturbed",
                 file=sys.stderr,
             )
-    suffix = "-host" if args.host else f"-{args.quant}" if args.quant else ""
+    suffix = "-host" if args.host else f"-{args.quant}" if args.quant else "-dora" if args.dora else ""
     stem: Optional[str] = args.name
     if args.host:
         report = _host_only(config)
     elif args.quant:
         report = _quant_only(config, args)
+    elif args.dora:
+        report = _dora_only(config, args)
     else:
         on_group_done = None
         if args.out:

@@ -200,6 +200,10 @@ def markdown_report(report: Dict[str, object]) -> str:
         lines += [host_markdown(report["host"]), ""]
     if report.get("quant"):
         lines += [quant_markdown(report["quant"]), ""]
+    if report.get("dora"):
+        from lorafast.bench.dora import dora_markdown  # imports peft-dependent code only when there is a section
+
+        lines += [dora_markdown(report["dora"]), ""]
     if report["failures"]:
         lines += ["## Correctness failures", ""] + [f"- {failure}" for failure in report["failures"]] + [""]
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """bitsandbytes' 4-bit LoRA layer (``peft.tuners.lora.bnb.Linear4bit``) on the fused QLoRA op
-(:func:`lorafast.qlora.qlora_linear`).
+(:func:`lorafast.qlora.qlora_linear`), or, for a DoRA adapter, the op its registered LoRA-variant support gives
+(:class:`lorafast.peft.core.VariantSupport`: :func:`lorafast.dora.quant.qdora_linear`).
 
 :class:`FusedLoraLinear4bit` overrides only ``forward`` of PEFT's class. Numerics follow bitsandbytes'
 ``Linear4bit.forward``: x is cast to the layer's compute dtype (set from the first input as bitsandbytes does),
@@ -8,16 +9,17 @@ adapters read as fp32 (PEFT runs it in the adapter dtype: the same within the co
 
 Falls back to PEFT's forward (``super().forward``), quietly: inference (grad disabled: bitsandbytes' 4-bit
 inference kernels win there), disabled/merged adapters, ``adapter_names``, no active adapter, empty or meta
-inputs. With one warning per reason: LoRA variants (DoRA, ...), hooks, extra forward arguments,
-``torch.autocast``, several active adapters with dropout, mismatched dtypes/devices, dropout p = 1, a base layer
-that is not exactly ``bnb.nn.Linear4bit``, and a quant state that is missing or inconsistent.
+inputs. With one warning per reason: LoRA variants other than DoRA (and DoRA among several active adapters),
+hooks, extra forward arguments, ``torch.autocast``, several active adapters with dropout, mismatched
+dtypes/devices, dropout p = 1, a base layer that is not exactly ``bnb.nn.Linear4bit``, and a quant state that is
+missing or inconsistent.
 
 Importing this module raises ImportError when bitsandbytes (or PEFT's bnb layers) is missing.
 """
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Callable, Tuple, Union
 
 import bitsandbytes as bnb
 import torch
@@ -53,14 +55,21 @@ class FusedLoraLinear4bit(PeftLinear4bit):
             # inference kernels beat dequantizing all of W per call (bench --quant nf4, 2-core CPU, eval fwd:
             # the fused path took 3.9x PEFT's time at 256x768->768 and 6.5x at 64x2048->2048). Quietly PEFT's.
             return super().forward(x, *args, **kwargs)
-        call = self._fused_call(x, args, kwargs)
-        if isinstance(call, Fallback):
-            report_fallback(self, call)
+        planned = self._fused_plan(x, args, kwargs)
+        if isinstance(planned, Fallback):
+            report_fallback(self, planned)
             return super().forward(x, *args, **kwargs)
-        return qlora_linear(call, getattr(self, BACKEND_ATTR, "auto"))
+        op, call = planned
+        return op(call, getattr(self, BACKEND_ATTR, "auto"))
 
     def _fused_call(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Union[Fallback, QLoraCall]:
         """The fused op's arguments, equivalent to PEFT's forward on this input, or why there are none."""
+        planned = self._fused_plan(x, args, kwargs)
+        return planned if isinstance(planned, Fallback) else planned[1]
+
+    def _fused_plan(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Union[Fallback, Tuple[Callable, QLoraCall]]:
+        """(the op, its arguments) for this input, or why there are none. The op is
+        :func:`lorafast.qlora.qlora_linear`, or a LoRA variant's (DoRA: core.VariantSupport.quant_op)."""
         if self.disable_adapters:
             return Fallback("adapters disabled")
         if args or kwargs:
@@ -72,7 +81,7 @@ class FusedLoraLinear4bit(PeftLinear4bit):
         parts = adapter_parts(self)
         if isinstance(parts, Fallback):
             return parts
-        active, lora_a, lora_b, lora_biases, scalings, dropout_ps = parts
+        active, lora_a, lora_b, lora_biases, scalings, dropout_ps, variant = parts
         base = self._modules["base_layer"]
         if type(base) is not bnb.nn.Linear4bit:
             return Fallback("base layer is not exactly bnb.nn.Linear4bit", type(base).__name__)
@@ -119,7 +128,12 @@ class FusedLoraLinear4bit(PeftLinear4bit):
             lora_a_cat = torch.cat(lora_a, dim=0)
             lora_b_cat = torch.cat([b * s for b, s in zip(lora_b, scalings)], dim=1)
             scaling = 1.0
-        return QLoraCall(x.to(compute_dtype), x.dtype, bias, lora_a_cat, lora_b_cat, scaling, dropout_ps[0], snap)
+        op = qlora_linear
+        if variant is not None:  # the only active adapter is a LoRA variant's (core.adapter_parts)
+            op = variant.quant_op(self, active[0])
+            if isinstance(op, Fallback):
+                return op
+        return op, QLoraCall(x.to(compute_dtype), x.dtype, bias, lora_a_cat, lora_b_cat, scaling, dropout_ps[0], snap)
 
 
 FUSED_CLASSES = {PeftLinear4bit: FusedLoraLinear4bit}

@@ -10,7 +10,7 @@ import functools
 import logging
 import operator
 import warnings
-from typing import NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 from peft.tuners.lora.layer import VARIANT_KWARG_KEYS, LoraLayer
@@ -63,23 +63,74 @@ class AdapterParts(NamedTuple):
     lora_biases: list  # lora_B[name].bias or None (PEFT's lora_bias)
     scalings: list  # float or 0-dim tensor
     dropout_ps: list  # p in effect (0 when the dropout module is in eval or an Identity)
+    # The registered VariantSupport of a LoRA variant's adapter (the only active one), or None: vanilla LoRA.
+    variant: Optional[VariantSupport] = None
+
+
+class VariantSupport:
+    """How the fused layer kinds run the adapters of one LoRA variant (e.g. DoRA): the variant's own module
+    (:mod:`lorafast.peft.dora`) subclasses this and registers it with :func:`register_variant`, so the layer
+    kinds reach it through this core without importing their siblings. Defaults: not supported (PEFT's forward).
+    """
+
+    def plan_key(self, layer: LoraLayer, name: str) -> tuple:
+        """What the variant reads from ``layer`` for adapter ``name`` (module/parameter identities and metadata):
+        part of the layer's plan key, so a change re-plans."""
+        return ()
+
+    def held_modules(self, layer: LoraLayer, name: str) -> list:
+        """The variant's modules a fused call bypasses (their hooks, or a replaced forward, mean fall back)."""
+        return []
+
+    def linear_op(self, layer: LoraLayer, name: str, weight: torch.Tensor) -> Union[Fallback, Callable]:
+        """For a dense base (weight (N, K), possibly a transposed view): the op to call as
+        ``op(x, weight, bias, lora_a, lora_b, scaling, dropout_p, *, backend)`` (the plain layer's
+        ``fused_forward`` signature) with the variant's own tensors bound, or why it cannot run fused."""
+        return Fallback("LoRA variant not supported on this layer", type(self).__name__)
+
+    def quant_op(self, layer: LoraLayer, name: str) -> Union[Fallback, Callable]:
+        """For a 4-bit base: the op to call as ``op(call, backend)`` on a :class:`lorafast.qlora.QLoraCall` (the
+        plain 4-bit layer's ``qlora_linear`` signature), or why it cannot run fused."""
+        return Fallback("LoRA variant not supported on this layer", type(self).__name__)
+
+
+_VARIANTS: dict[type, VariantSupport] = {}
+
+
+def register_variant(variant_type: type, support: VariantSupport) -> None:
+    """Fused layers run adapters whose ``layer.lora_variant[name]`` is exactly ``variant_type`` through
+    ``support`` (called by :func:`lorafast.peft.patching.fused_classes`, the one place that knows every kind)."""
+    _VARIANTS[variant_type] = support
+
+
+def variant_support(variant: object) -> Optional[VariantSupport]:
+    """The registered support for a ``lora_variant`` entry (exact type), or None."""
+    return _VARIANTS.get(type(variant))
 
 
 def adapter_parts(layer: LoraLayer) -> Union[Fallback, AdapterParts]:
     """The active adapters of ``layer`` (a PEFT LoRA layer: lora.Linear or a quantized one), or why the fused op
-    cannot run them: none active, a LoRA variant, a non-plain lora_A/lora_B/dropout module, hooks on them,
-    dropout p = 1, several adapters with dropout (PEFT draws a mask per adapter), a scaling tensor that is not
-    0-dim. The one walk over the adapters, shared by the fused layer kinds."""
+    cannot run them: none active, an unregistered LoRA variant or a variant adapter among several active ones, a
+    non-plain lora_A/lora_B/dropout module, hooks on them, dropout p = 1, several adapters with dropout (PEFT draws
+    a mask per adapter), a scaling tensor that is not 0-dim. The one walk over the adapters, shared by the fused
+    layer kinds."""
     modules = layer._modules
     lora_A, lora_B, lora_dropout = modules["lora_A"], modules["lora_B"], modules["lora_dropout"]
     active = [name for name in layer.active_adapters if name in lora_A]
     if not active:
         return Fallback("no active adapter on this layer")
+    support = None
     for name in active:
         if name in layer.lora_variant:
-            variant = type(layer.lora_variant[name]).__name__
-            return Fallback("LoRA variant (DoRA, aLoRA, ...)", f"{variant} on adapter {name!r}")
-    parts = AdapterParts(active, [], [], [], [], [])
+            variant = layer.lora_variant[name]
+            support = variant_support(variant)
+            if support is None:
+                return Fallback("LoRA variant (DoRA, aLoRA, ...)", f"{type(variant).__name__} on adapter {name!r}")
+            if len(active) > 1:
+                # PEFT applies each adapter in turn (a variant's scale g sees only its own adapter): not one op.
+                return Fallback("several active adapters with a LoRA variant (DoRA, ...)",
+                                f"{type(variant).__name__} on adapter {name!r} of {active}")
+    parts = AdapterParts(active, [], [], [], [], [], support)
     for name in active:
         a_module, b_module, dropout = lora_A[name], lora_B[name], lora_dropout[name]
         if type(a_module) is not nn.Linear or type(b_module) is not nn.Linear:

@@ -1,4 +1,4 @@
-"""PEFT's plain LoRA ``Linear`` (``peft.tuners.lora.layer.Linear``) on the fused op.
+"""PEFT's LoRA ``Linear`` (``peft.tuners.lora.layer.Linear``) over ``nn.Linear`` or GPT-2's ``Conv1D`` on the fused op.
 
 :class:`FusedLoraLinear` is a subclass that overrides only ``forward`` (and the name it prints as);
 :func:`lorafast.peft.patch` sets a layer's ``__class__`` to it. Parameters, buffers, submodules, state_dict
@@ -14,15 +14,19 @@ Fused (one ``lora_linear`` call): one or several active vanilla-LoRA adapters (s
 along r with each adapter's scale folded into its B slice), rsLoRA, scaling as float or 0-dim tensor
 (hotswap), ``lora_dropout`` (p read from the adapter's ``nn.Dropout``), bias "none"/"all"/"lora_only"
 (the base bias gets its gradient from the op), ``lora_bias`` (``s·b_B`` folded into the op's bias
-vector, N-sized, no extra M×N pass), fp32 adapters on a bf16/fp16 base, ``torch.autocast``.
+vector, N-sized, no extra M×N pass), fp32 adapters on a bf16/fp16 base, ``torch.autocast``; a ``Conv1D`` base
+(``fan_in_fan_out``: W read through ``weight.t()``, a strided view, never copied). A LoRA variant's adapter (DoRA)
+runs the op its registered :class:`lorafast.peft.core.VariantSupport` gives, on the same plan (this module imports
+no sibling: :mod:`lorafast.peft.patching` registers the variants in the core).
 
 Falls back to PEFT, quietly (PEFT's forward is already just the base layer, or is per-sample):
 adapters disabled, adapters merged, ``adapter_names`` mixed batches, no active adapter on the layer,
 meta-device inputs.
 
 Falls back to PEFT with a one-time warning per reason (and one INFO log line per layer and reason):
-LoRA variants (DoRA, aLoRA, Arrow, VeLoRA, ...), base layer not exactly ``nn.Linear`` (quantized,
-Conv1D / fan_in_fan_out, nested tuners), hooks on the base/LoRA/dropout modules or global module hooks
+LoRA variants without a registered support (aLoRA, Arrow, VeLoRA, ...) and a variant adapter among several active
+ones, base layer not exactly ``nn.Linear`` or ``Conv1D`` (quantized, nested tuners) or a ``fan_in_fan_out`` flag
+that does not match it, hooks on the base/LoRA/dropout (or the variant's) modules or global module hooks
 (DeepSpeed ZeRO-3, accelerate offload, activation capture), extra forward arguments, float64 under
 autocast, mismatched dtypes/devices, a non-``nn.Dropout`` dropout module, dropout p = 1, several
 active adapters with dropout active (PEFT draws an independent mask per adapter) or with different
@@ -31,11 +35,12 @@ adapter dtypes, adapters narrower than the input outside autocast (e.g. bf16 ada
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lorafast import functional
 from lorafast.functional import autocast_inputs, lora_linear, op_scale, scale_tensor
@@ -54,6 +59,7 @@ from lorafast.peft.core import (
     report_fallback,
     tensor_meta,
     tensor_meta_c,
+    variant_support,
 )
 from lorafast.validation import check_lora_linear_args
 
@@ -83,6 +89,11 @@ class _Plan(NamedTuple):
     hook_dicts: tuple = ()
     module_dicts: tuple = ()
     hooked: bool = False
+    # A LoRA variant's op (core.VariantSupport.linear_op, e.g. DoRA's with its magnitude bound), called as
+    # ``op(x, weight, bias, lora_a, lora_b, scaling, dropout_p, *, backend)``; None: fused_forward.
+    op: Optional[Callable] = None
+    # GPT-2's Conv1D stores W as (K, N): the op reads ``weight.t()``, a strided view made per call (never a copy).
+    fan_in_fan_out: bool = False
 
 
 class FusedLoraLinear(PeftLoraLinear):
@@ -127,9 +138,13 @@ class FusedLoraLinear(PeftLoraLinear):
         modules = self._modules
         held = [modules["base_layer"]]
         lora_A, lora_B, dropouts = (modules[n]._modules for n in ("lora_A", "lora_B", "lora_dropout"))
+        variants = self.lora_variant
         for name in adapter_names(self._active_adapter):
             if name in lora_A:
                 held += (lora_A[name], lora_B[name], dropouts[name])
+                support = variant_support(variants.get(name))
+                if support is not None:
+                    held += support.held_modules(self, name)
         plan = plan._replace(
             hook_dicts=tuple(d for m in held for d in hook_dicts(m)), module_dicts=tuple(m.__dict__ for m in held)
         )
@@ -179,6 +194,11 @@ class FusedLoraLinear(PeftLoraLinear):
                 id(a_w), id(b_w), id(a_params.get("bias")), id(b_params.get("bias")),
                 None if a_w is None else meta(a_w), None if b_w is None else meta(b_w),
             )
+            variant = variants.get(name)
+            if variant is not None:  # a LoRA variant (DoRA): what its op reads, e.g. the magnitude parameter
+                support = variant_support(variant)
+                if support is not None:
+                    key += support.plan_key(self, name)
         return tuple(key)
 
     def _make_plan(self, x: torch.Tensor, key: tuple) -> _Plan:
@@ -196,12 +216,16 @@ class FusedLoraLinear(PeftLoraLinear):
         parts = adapter_parts(self)
         if isinstance(parts, Fallback):
             return _Plan(key, parts)
-        active, lora_a, lora_b, lora_biases, scalings, dropout_ps = parts
+        active, lora_a, lora_b, lora_biases, scalings, dropout_ps, variant = parts
         base = modules["base_layer"]
-        if type(base) is not nn.Linear:
-            return fallback("base layer is not a plain nn.Linear", type(base).__name__)
-        if self.fan_in_fan_out:
-            return fallback("fan_in_fan_out")
+        # PEFT forces fan_in_fan_out on for a Conv1D base (W stored (K, N), y = addmm(b, x, W)) and off for
+        # nn.Linear; either pairing is F.linear(x, W_nk, b) with W_nk the (N, K) weight or a transposed view.
+        fan_in_fan_out = bool(self.fan_in_fan_out)
+        if (type(base), fan_in_fan_out) not in ((nn.Linear, False), (Conv1D, True)):
+            if type(base) not in (nn.Linear, Conv1D):
+                return fallback("base layer is not a plain nn.Linear or transformers Conv1D", type(base).__name__)
+            return fallback("fan_in_fan_out does not match the base layer", f"{type(base).__name__}, "
+                            f"fan_in_fan_out={fan_in_fan_out}")
         if has_global_hooks() or has_hooks(base):
             return fallback("module hooks or a replaced forward")
 
@@ -210,6 +234,7 @@ class FusedLoraLinear(PeftLoraLinear):
             return fallback("meta tensors")
         autocast = torch.is_autocast_enabled(device_type)
         weight, bias = base.weight, base.bias
+        weight_nk = weight.t() if fan_in_fan_out else weight
         if not x.is_floating_point():
             return fallback("input is not floating point", f"{x.dtype}")
         if autocast and (x.dtype not in _AUTOCAST_DTYPES or weight.dtype not in _AUTOCAST_DTYPES):
@@ -234,15 +259,21 @@ class FusedLoraLinear(PeftLoraLinear):
         # The op's own argument rules, once per state (per call only x's last dim can still change).
         check_lora_linear_args(
             x.to(compute_dtype) if autocast else x,
-            weight.to(compute_dtype) if autocast else weight,
+            weight_nk.to(compute_dtype) if autocast else weight_nk,
             None if bias is None else (bias.to(compute_dtype) if autocast else bias),
             torch.cat(lora_a, dim=0), torch.cat(lora_b, dim=1), 1.0, dropout_ps[0],
             getattr(self, BACKEND_ATTR, "auto"),
         )
+        op = None  # fused_forward (looked up per call)
+        if variant is not None:  # the only active adapter is a LoRA variant's (core.adapter_parts)
+            op = variant.linear_op(self, active[0], weight_nk)
+            if isinstance(op, Fallback):
+                return _Plan(key, op)
         tensors = (weight, bias, lora_a[0], lora_b[0], scalings[0]) if len(active) == 1 else ()
         return _Plan(
             key, None, tuple(active), dropout_ps[0], device_type if autocast else None, adapter_dtype,
-            any(b is not None for b in lora_biases), weight.shape[1], tensors,
+            any(b is not None for b in lora_biases), weight_nk.shape[1], tensors, op=op,
+            fan_in_fan_out=fan_in_fan_out,
         )
 
     def _run_plan(self, plan: _Plan, x: torch.Tensor) -> torch.Tensor:
@@ -250,7 +281,10 @@ class FusedLoraLinear(PeftLoraLinear):
         backend = self.__dict__.get(BACKEND_ATTR, "auto")
         if plan.tensors and plan.autocast_device is None and not plan.lora_bias:  # the common case
             weight, bias, lora_a, lora_b, scaling = plan.tensors
-            return fused_forward(x, weight, bias, lora_a, lora_b, scaling, plan.dropout_p, backend=backend)
+            if plan.fan_in_fan_out:
+                weight = weight.t()
+            op = plan.op or fused_forward
+            return op(x, weight, bias, lora_a, lora_b, scaling, plan.dropout_p, backend=backend)
         modules = self._modules
         lora_A, lora_B = modules["lora_A"]._modules, modules["lora_B"]._modules
         names = plan.names
@@ -270,16 +304,19 @@ class FusedLoraLinear(PeftLoraLinear):
             lora_a = torch.cat(lora_as, dim=0)
             lora_b = torch.cat([b * self.scaling[n] for b, n in zip(lora_bs, names)], dim=1)
             scaling = 1.0
+        if plan.fan_in_fan_out:
+            weight = weight.t()
         if plan.autocast_device is not None:
             x, weight, bias = autocast_inputs(x, weight, bias)
         if plan.lora_bias:
             bias = fold_lora_bias(
                 bias, [lora_B[n]._parameters["bias"] for n in names], [self.scaling[n] for n in names], x.dtype
             )
+        op = plan.op or fused_forward
         if plan.autocast_device is None:
-            return fused_forward(x, weight, bias, lora_a, lora_b, scaling, plan.dropout_p, backend=backend)
+            return op(x, weight, bias, lora_a, lora_b, scaling, plan.dropout_p, backend=backend)
         with torch.autocast(plan.autocast_device, enabled=False):
-            return fused_forward(x, weight, bias, lora_a, lora_b, scaling, plan.dropout_p, backend=backend)
+            return op(x, weight, bias, lora_a, lora_b, scaling, plan.dropout_p, backend=backend)
 
 
 def fused_forward(

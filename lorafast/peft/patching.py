@@ -16,7 +16,8 @@ from peft.tuners.lora.layer import LoraLayer, dispatch_default
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from lorafast.peft.core import BACKEND_ATTR, NAME_ATTR, PLAN_ATTR, check_backend
+from lorafast.peft import dora
+from lorafast.peft.core import BACKEND_ATTR, NAME_ATTR, PLAN_ATTR, check_backend, register_variant
 from lorafast.peft.linear import FusedLoraLinear
 
 
@@ -29,7 +30,10 @@ def _swap_in(layer: nn.Module, backend: str, name: Optional[str], fused_class: t
 @functools.cache
 def fused_classes() -> dict[type, type]:
     """PEFT class → its lorafast subclass: plain ``lora.Linear`` plus the 4-bit layer of
-    :mod:`lorafast.peft.bnb` (imported lazily, as it needs bitsandbytes, and skipped when it cannot be)."""
+    :mod:`lorafast.peft.bnb` (imported lazily, as it needs bitsandbytes, and skipped when it cannot be).
+    Also wires the LoRA variants the fused layers run (DoRA, :mod:`lorafast.peft.dora`) into the core."""
+    for variant_type, support in dora.VARIANTS.items():
+        register_variant(variant_type, support)
     classes: dict[type, type] = {PeftLoraLinear: FusedLoraLinear}
     try:
         from lorafast.peft import bnb
@@ -40,8 +44,9 @@ def fused_classes() -> dict[type, type]:
 
 
 def patch(model: nn.Module, backend: str = "auto") -> int:
-    """Make every PEFT LoRA layer in ``model`` that lorafast covers (plain ``lora.Linear``, bitsandbytes'
-    4-bit ``Linear4bit``) run the fused op; changes nothing else.
+    """Make every PEFT LoRA layer in ``model`` that lorafast covers (``lora.Linear`` over ``nn.Linear`` or GPT-2's
+    ``Conv1D``, bitsandbytes' 4-bit ``Linear4bit``; plain LoRA or DoRA adapters) run the fused op; changes
+    nothing else.
 
     Swaps the layers' class in place (no new parameters, buffers or submodules; state_dict keys and
     saved adapters are unchanged). Idempotent: already-patched layers are skipped, but take the new
@@ -114,6 +119,7 @@ def register(config: LoraConfig, backend: str = "auto") -> LoraConfig:
         ``config``, for chaining.
     """
     check_backend(backend)
+    fused_classes()  # wires the LoRA variants (DoRA) the fused layers run
     config._register_custom_module({nn.Linear: functools.partial(_dispatch_fused_linear, backend=backend)})
     return config
 
