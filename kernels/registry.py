@@ -330,8 +330,8 @@ def _dora_entries(arch: Union[int, str], dtype: str, block_r: int) -> List[AotEn
 
     adapter = AOT_DTYPES[dtype]
     fp32 = dtype == "fp32"
-    precision = "ieee" if fp32 else "tf32"
-    common = {"DOT_PRECISION": precision, "BLOCK_R": block_r}
+    # "ieee" for every dtype, as at run time (kernels/dtypes.dot_precision; see _entries).
+    common = {"DOT_PRECISION": "ieee", "BLOCK_R": block_r}
     act, ad, f32 = f"*{dtype}", f"*{adapter}", "*fp32"
     pointers = {
         "x_ptr": act, "w_ptr": act, "bias_ptr": act, "y_ptr": act, "dy_ptr": act, "dx_ptr": act, "zb_ptr": act,
