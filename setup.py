@@ -18,7 +18,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["lorafast", "lorafast.bench", "lorafast.peft", "lorafast.strategies", "lorafast.kernels"],
+    packages=["lorafast", "lorafast.bench", "lorafast.moe", "lorafast.moe.strategies", "lorafast.peft",
+              "lorafast.strategies", "lorafast.kernels"],
     package_dir={"lorafast": "lorafast", "lorafast.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={

@@ -387,6 +387,7 @@ def resolve(
     dropout_p: float,
     needs: Tuple[bool, bool, bool, bool],
     make_run: Optional[Callable[[str], Callable[[], object]]] = None,
+    op: str = "lora",
 ) -> str:
     """The strategy to run for these inputs: a STRATEGIES name.
 
@@ -394,6 +395,7 @@ def resolve(
     needs: (need_dx, need_da, need_db_lora, need_dbias) — part of the tuning key.
     make_run: for "auto" on CUDA, ``make_run(name)`` gives a closure running one step of strategy
     ``name`` on these inputs, for the dispatcher to time (None: no timing; cached choice or default).
+    op: the problem family of the tuning key (:class:`StrategyKey`), e.g. "moe64" for the grouped experts op.
 
     The environment variable LORAFAST_STRATEGY, when set, replaces "auto" (on CPU too).
     Explicit Triton strategies need CUDA tensors, or CPU under TRITON_INTERPRET=1 (set before triton is
@@ -413,7 +415,7 @@ def resolve(
             return "aten"
         if triton_fallback(x, lora_a) is not None:
             return "aten"
-        return _auto(x, weight, lora_a, dropout_p, needs, make_run)
+        return _auto(x, weight, lora_a, dropout_p, needs, make_run, op)
     if not x.is_cuda and not interpreting():
         raise ValueError(
             f"lora_linear: backend={backend!r} needs CUDA tensors, but x is on {x.device}; on CPU set "
@@ -436,7 +438,7 @@ def _override(value: str) -> str:
     return name
 
 
-def _auto(x, weight, lora_a, dropout_p, needs, make_run) -> str:
+def _auto(x, weight, lora_a, dropout_p, needs, make_run, op: str = "lora") -> str:
     # fp32's IEEE dots run on FMA units in our GEMMs: the fused path is a correctness path there.
     candidates = ("cublas", "aten") if x.dtype == torch.float32 else STRATEGIES
-    return select_call(x, weight, lora_a, dropout_p, needs, candidates, make_run, default=DEFAULT_CUDA)
+    return select_call(x, weight, lora_a, dropout_p, needs, candidates, make_run, default=DEFAULT_CUDA, op=op)
