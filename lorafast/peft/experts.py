@@ -145,6 +145,10 @@ class FusedParamWrapper(ParamWrapper):
         return experts, lora
 
 
+# PEFT recognises ParamWrappers by class *name* (tuners_utils: finding the wrapper an added adapter joins, and the
+# check that a wrapped module is not another tuner layer), to avoid an import cycle: with its own name, add_adapter /
+# load_adapter on a patched model would refuse. __qualname__ (type repr, pickling) stays FusedParamWrapper.
+FusedParamWrapper.__name__ = ParamWrapper.__name__
 FUSED_CLASSES = {ParamWrapper: FusedParamWrapper}
 
 
