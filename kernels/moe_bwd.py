@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from lorafast.kernels import alloc
-from lorafast.kernels.configs import DX, EPILOGUE, SKINNY, launch, m_bucket, rank_block, split_for
+from lorafast.kernels.configs import DX, EPILOGUE, MOE_DH, SKINNY, launch, m_bucket, rank_block, split_for
 from lorafast.kernels.dropout import dropout_col_keys, dropout_keep, dropout_row_keys, mask_threshold
 from lorafast.kernels.dtypes import dot_precision
 from lorafast.kernels.lora_bwd import dx_lora_tile
@@ -43,7 +43,6 @@ def moe_grad_h_kernel(
     tile i and the N tiles j, j + S', … (S' = programs on axis 1)."""
     group, row0, end = expert_row_tile(tl.program_id(0), offsets_ptr, E, S, BLOCK_M, BLOCK_E)
     if group < E:
-        expert = group.to(tl.int64)
         split = tl.num_programs(1)
         offs_m = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         offs_r = tl.arange(0, BLOCK_R)
@@ -51,27 +50,31 @@ def moe_grad_h_kernel(
         mask_r = offs_r < R
         scale = tl.load(scale_ptr).to(tl.float32)
         lora_dtype = dy_ptr.dtype.element_ty
-        b_base = b_ptr + expert * stride_bc
+        # lora_B and dB (N·r·E elements, < 2³¹: checked by the launcher) take int32 offsets: their tiles are
+        # strided along both axes (B_e's rank stride is E), one address per element, and int64 offsets there
+        # spilled (AOT gate, sm_90, r = 32–64).
+        b_cols = offs_r[None, :] * (E * stride_bc) + group * stride_bc
+        db_cols = offs_r[None, :] * E + group
         if NEED_DB_LORA:
             h = tl.load(h_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :],
                         other=0.0)
             h_scaled = (h * (scale * h_factor)).to(lora_dtype)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for n0 in range(tl.program_id(1) * BLOCK_N, N, BLOCK_N * split):
-            offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
-            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n.to(tl.int64)[None, :] * stride_dyn,
                          mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-            b = tl.load(b_base + offs_n[:, None] * stride_bn + offs_r[None, :] * (E * stride_bc),
-                        mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + b_cols, mask=mask_n[:, None] & mask_r[None, :],
+                        other=0.0)
             acc = tl.dot(dy, b.to(lora_dtype), acc, input_precision=DOT_PRECISION)
             if NEED_DB_LORA:
                 part = tl.dot(tl.trans(dy), h_scaled, input_precision=DOT_PRECISION)
                 # dB is (N, R·E) contiguous: B_e's rank j is column j·E + e.
-                tl.atomic_add(db_lora_ptr + offs_n[:, None] * (R * E) + offs_r[None, :] * E + expert, part,
+                tl.atomic_add(db_lora_ptr + offs_n[:, None] * (R * E) + db_cols, part,
                               mask=mask_n[:, None] & mask_r[None, :], sem="relaxed")
             if NEED_DBIAS:
-                tl.atomic_add(dbias_ptr + expert * N + offs_n, tl.sum(dy.to(tl.float32), axis=0), mask=mask_n,
+                tl.atomic_add(dbias_ptr + group * N + offs_n, tl.sum(dy.to(tl.float32), axis=0), mask=mask_n,
                               sem="relaxed")
         tl.atomic_add(dh_ptr + offs_m[:, None] * R + offs_r[None, :], acc * scale,
                       mask=mask_m[:, None] & mask_r[None, :], sem="relaxed")
@@ -197,6 +200,9 @@ def moe_grads(
     E = offsets.shape[0]
     R = lora_a.shape[0] // E
     dev = grad_y.device
+    if lora_b.shape[0] * lora_b.stride(0) >= 2**31 or N * E >= 2**31:
+        raise ValueError(f"moe_grads: lora_B {tuple(lora_b.shape)} or db (E, N) spans 2³¹ elements or more (the "
+                         "dH/dB kernel indexes them in int32)")
     shapes = (tuple(lora_a.shape) if need_da else None, tuple(lora_b.shape) if need_db_lora else None,
               (E, N) if need_dbias else None)
     da, db_lora, dbias = alloc.zeros_views(shapes, torch.float32, dev)
@@ -208,7 +214,7 @@ def moe_grads(
         return tiles, split_for(triton.cdiv(S, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), dev)
 
     launch(
-        moe_grad_h_kernel, SKINNY, dev, grid_h,
+        moe_grad_h_kernel, MOE_DH, dev, grid_h,
         (grad_y, lora_b, h, scaling, dh, db_lora if need_db_lora else dh, dbias if need_dbias else dh, offsets,
          S, N, R, E, m_bucket(S), *grad_y.stride(), *lora_b.stride(), h_factor),
         key=("M_BUCKET", "N"),
