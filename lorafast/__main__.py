@@ -2,7 +2,8 @@
 
 Commands:
     bench     correctness, speed and memory of lorafast (and each strategy) vs PEFT, the reference and the frozen
-              linear, plus host cost per call; --host (host cost only), --quant nf4 (QLoRA vs PEFT)
+              linear, plus host cost per call; --host (host cost only), --quant nf4 (QLoRA vs PEFT), --moe (MoE
+              experts: a Qwen3-MoE block, frozen vs PEFT target_parameters vs lorafast)
     roofline  predicted times and ratios on H100 / H200 for the bench shapes
 
 Each command is a module exposing ``add_arguments(parser)`` and ``run(args) -> int``; add one by
@@ -17,7 +18,8 @@ from typing import List, Optional
 
 # name -> (module, one-line help).
 COMMANDS = {
-    "bench": ("lorafast.bench", "check and time lorafast against PEFT, the reference and the floor (--host, --quant)"),
+    "bench": ("lorafast.bench",
+              "check and time lorafast against PEFT, the reference and the floor (--host, --quant, --moe)"),
     "roofline": ("lorafast.roofline", "print the roofline prediction table (H100/H200)"),
 }
 
