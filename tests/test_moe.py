@@ -251,3 +251,36 @@ def test_bad_arguments_raise_one_clear_error(change, message):
     change(args)
     with pytest.raises((TypeError, ValueError), match=message):
         lorafast.grouped_lora_linear(**args)
+
+
+def test_auto_timing_runs_return_every_output_and_agree(monkeypatch, tmp_path):
+    """The dispatcher's contract: each candidate's run() returns (y, dX, dA, dB, db) on the same inputs (a fixed
+    seed, a constant dY), so the candidates can be checked against aten's; the key names the MoE family."""
+    from lorafast import dispatch
+    from lorafast.moe.functional import choose_strategy, step_runner
+
+    inp = MoeInputs(32, 16, [5, 0, 9, 2], r=2, bias=True)
+    x, bias, a, b = (t.detach() for t in (inp.x, inp.bias, inp.lora_a, inp.lora_b))
+    scale = torch.tensor(0.75)
+    # p = 0: on CPU the aten strategy draws its mask from a generator, the kernels from their hash (on CUDA every
+    # strategy uses the hash, so the dispatcher compares them with dropout on too).
+    make_run = step_runner(x, inp.weight, False, bias, inp.offsets, a, b, scale, 0.0, (True, True, True, True))
+    outs = {name: make_run(name)() for name in STRATEGIES}
+    assert all(len(o) == 5 and all(t is not None for t in o) for o in outs.values())
+    for name in ("fused", "cublas"):
+        for got, ref in zip(outs[name], outs["aten"]):
+            assert rel_err(got, ref) < 1e-5, name
+    monkeypatch.setenv(dispatch.ENV_CACHE_DIR, str(tmp_path))
+    dispatch.clear()
+    try:
+        timed = []
+        monkeypatch.setattr(dispatch, "_timer", lambda name, run: timed.append(run()) or {"fused": 2.0}.get(name, 1.0))
+        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # take the CUDA "auto" path
+        with torch.no_grad():
+            chosen = choose_strategy("auto", x, inp.weight, False, bias, inp.offsets, a, b, scale, 0.0)
+        monkeypatch.undo()
+        keys = list(dispatch.choices())
+        # fp32: the dispatcher times cublas and aten (our fp32 GEMMs are a correctness path); cublas timed faster.
+        assert chosen == "cublas" and len(timed) == 2 and keys[0].op == "moe4" and keys[0].n == 16
+    finally:
+        dispatch.clear()

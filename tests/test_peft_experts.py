@@ -331,3 +331,24 @@ def test_torch_compile_fullgraph_matches_eager(family):
     ops = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
     assert len(graphs) == 1 and ops.count("lorafast.grouped_lora_fwd.default") == 2, ops
     torch._dynamo.reset()
+
+
+def test_bf16_model_within_peft_error_of_float64():
+    """bf16 experts: PEFT rounds W + s·ΔW to bf16, lorafast adds the bf16 LoRA product to the bf16 base product —
+    different roundings of the same math. Against the float64 model, the patched logits and LoRA gradients are as
+    close as PEFT's own (within 2× + the bf16 floor)."""
+    from utils import assert_close
+
+    vanilla, patched = peft_pair()
+    ref = copy.deepcopy(vanilla).double()
+    for module in ref.modules():
+        if hasattr(module, "gate_up_proj") and hasattr(module, "config"):
+            module.config._experts_implementation = "eager"  # CPU grouped_mm has no float64 kernel
+    vanilla, patched = vanilla.to(torch.bfloat16), patched.to(torch.bfloat16)
+    ids = batch()
+    results = [step(model, ids) for model in (ref, vanilla, patched)]
+    (logits64, grads64), (logits_v, grads_v), (logits_p, grads_p) = results
+    assert_close(logits_p, logits64, torch.bfloat16, logits_v, what="logits")
+    for name, g64 in grads64.items():
+        if "lora_" in name:
+            assert_close(grads_p[name], g64, torch.bfloat16, grads_v[name], what=name)

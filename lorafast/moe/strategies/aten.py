@@ -23,6 +23,7 @@ run in the compute dtype (x's): PEFT's ParamWrapper casts the adapters to the pa
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple, Union
 
 import torch
@@ -49,21 +50,21 @@ def _layout_ok(t: torch.Tensor) -> bool:
     return False
 
 
+@functools.cache
+def _capability(index: Optional[int]) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(torch.cuda.current_device() if index is None else index)
+
+
 def grouped_mm_usable(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``torch.nn.functional.grouped_mm(a, b, offs=...)`` runs for these operands on their device."""
     if _GROUPED_MM is None or a.dtype != b.dtype or a.dtype not in _GROUPED_MM_DTYPES:
         return False
     if a.device.type == "cuda":
-        if a.dtype != torch.bfloat16 or torch.cuda.get_device_capability(a.device) < (8, 0):
+        if a.dtype != torch.bfloat16 or _capability(a.device.index) < (8, 0):
             return False
     elif a.device.type != "cpu":
         return False
     return _layout_ok(a) and _layout_ok(b)
-
-
-def _host_loops(groups: Groups, a: torch.Tensor) -> bool:
-    """In-place per-expert loops (CPU; or CUDA when grouped_mm cannot run) rather than sync-free grouped_mm calls."""
-    return a.device.type == "cpu"
 
 
 def _zero_tail(out: torch.Tensor, groups: Groups) -> torch.Tensor:
@@ -96,7 +97,7 @@ def grouped_matmul_add_(
 ) -> torch.Tensor:
     """out[rows of e] += alpha·a[rows of e] @ b[e] in place (a (S, r), b (E, r, Q)): addmm_ per expert on CPU
     (no S×Q temporary), one grouped_mm + add_ where it runs on CUDA (no host sync)."""
-    if not _host_loops(groups, a) and grouped_mm_usable(a, b):
+    if a.device.type != "cpu" and grouped_mm_usable(a, b):
         return out.add_(_zero_tail(_GROUPED_MM(a, b, offs=groups.offsets), groups), alpha=alpha)
     bounds = groups.bounds()
     for e in range(groups.num_experts):
