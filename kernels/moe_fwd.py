@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from lorafast.kernels import alloc
-from lorafast.kernels.configs import EPILOGUE, GEMM, SKINNY, launch, m_bucket, rank_block, split_for
+from lorafast.kernels.configs import EPILOGUE, MOE_GEMM, MOE_SKINNY, launch, m_bucket, rank_block, split_for
 from lorafast.kernels.dropout import dropout_col_keys, dropout_keep, dropout_row_keys, mask_threshold
 from lorafast.kernels.dtypes import dot_precision
 from lorafast.kernels.lora_fwd import add_expand_tile
@@ -186,7 +186,7 @@ def moe_shrink(x: torch.Tensor, lora_a: torch.Tensor, offsets: torch.Tensor, see
         return tiles, split_for(triton.cdiv(S, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]), x.device)
 
     launch(
-        moe_shrink_kernel, SKINNY, x.device, grid,
+        moe_shrink_kernel, MOE_SKINNY, x.device, grid,
         (x, lora_a, h, seed if has_dropout else h, offsets, S, K, R, E, m_bucket(S), *x.stride(), *lora_a.stride(),
          mask_threshold(dropout_p)),
         key=("M_BUCKET", "K"), reset_to_zero=("h_ptr",),
@@ -220,7 +220,7 @@ def moe_lora_gemm(x: torch.Tensor, weight: torch.Tensor, transposed: bool, bias:
     y = alloc.empty((S, N), x.dtype, x.device)
     bias_ptr, *bias_strides = bias_args(bias, y)
     launch(
-        moe_lora_gemm_kernel, GEMM, x.device,
+        moe_lora_gemm_kernel, MOE_GEMM, x.device,
         lambda meta: (row_tiles(S, E, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"])),
         (x, weight, bias_ptr, h, lora_b, scaling, y, offsets, S, N, K, R, E, m_bucket(S),
          *x.stride(), *nk_strides(weight, transposed), *bias_strides, *lora_b.stride(), *y.stride(), float(h_factor)),

@@ -4,7 +4,7 @@ spills, with tensor-core (MFMA) instructions, without memory fences, with a chea
 grid that fills the GPU at the reference shapes.
 
 `aot_entries(arch)` is the full matrix (7 kernels × bf16/fp32 × rank blocks 16/32/64/128, plus the
-QLoRA kernels of `lorafast.kernels.dequant`); `aot_entries_ci(arch)`
+QLoRA kernels of `lorafast.kernels.dequant` and the MoE kernels of `moe_aot_entries`); `aot_entries_ci(arch)`
 is the representative subset the default test suite compiles (see its docstring).
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 from unittest import mock
 
-from lorafast.kernels.configs import DX, EPILOGUE, GEMM, MOE_DH, SKINNY, gpu_configs
+from lorafast.kernels.configs import DX, EPILOGUE, GEMM, MOE_GEMM, MOE_SKINNY, SKINNY, gpu_configs
 from lorafast.kernels.dequant import dequant_4bit_kernel, gemm_4bit_kernel
 from lorafast.kernels.lora_bwd import (
     dx_lora_add_kernel,
@@ -270,6 +270,8 @@ def aot_entries_ci(arch: Union[int, str]) -> List[AotEntry]:
 
 # ---- MoE experts (issue 20): the grouped kernels of lorafast.kernels.moe_fwd / moe_bwd -----------------------
 
+# Per-expert ranks above 64 run `aten` (lorafast.moe.functional.MAX_TRITON_RANK): the rank blocks the kernels use.
+MOE_RANK_BLOCKS = (16, 32, 64)
 # Grid-check stand-in for the expert count: the reference shapes' (M, K, N) read as (S token slots, K, N).
 MOE_GRID_EXPERTS = 64
 # Unit strides of contiguous operands in the MoE kernels: lora_B's column stride (B_e's rank stride is then E, a
@@ -344,14 +346,14 @@ def _moe_entries(arch: Union[int, str], dtype: str, block_r: int) -> List[AotEnt
     }
     # (name, kernel, constexprs, config family, skinny?, mask tile, weight layouts)
     rows = [
-        ("moe_shrink", moe_shrink_kernel, {"HAS_DROPOUT": True}, SKINNY, True, ("BLOCK_M", "BLOCK_K"), ("",)),
-        ("moe_lora_gemm", moe_lora_gemm_kernel, {"HAS_BIAS": True}, GEMM, False, (), ("nk", "kn")),
+        ("moe_shrink", moe_shrink_kernel, {"HAS_DROPOUT": True}, MOE_SKINNY, True, ("BLOCK_M", "BLOCK_K"), ("",)),
+        ("moe_lora_gemm", moe_lora_gemm_kernel, {"HAS_BIAS": True}, MOE_GEMM, False, (), ("nk", "kn")),
         ("moe_expand_add", moe_expand_add_kernel, {"HAS_BIAS": True}, EPILOGUE, False, (), ("",)),
-        ("moe_grad_h", moe_grad_h_kernel, {"NEED_DB_LORA": True, "NEED_DBIAS": True}, MOE_DH, True, (), ("",)),
+        ("moe_grad_h", moe_grad_h_kernel, {"NEED_DB_LORA": True, "NEED_DBIAS": True}, MOE_SKINNY, True, (), ("",)),
         ("moe_dx", moe_dx_kernel, {"HAS_DROPOUT": True}, DX, False, ("BLOCK_M", "BLOCK_N"), ("nk", "kn")),
         ("moe_dx_lora_add", moe_dx_lora_add_kernel, {"HAS_DROPOUT": True}, EPILOGUE, False, ("BLOCK_M", "BLOCK_N"),
          ("",)),
-        ("moe_grad_a", moe_grad_a_kernel, {"HAS_DROPOUT": True}, SKINNY, True, ("BLOCK_M", "BLOCK_K"), ("",)),
+        ("moe_grad_a", moe_grad_a_kernel, {"HAS_DROPOUT": True}, MOE_SKINNY, True, ("BLOCK_M", "BLOCK_K"), ("",)),
     ]
     entries = []
     for name, fn, extra, kind, skinny, mask_tile, layouts in rows:
@@ -382,9 +384,9 @@ def _moe_entries(arch: Union[int, str], dtype: str, block_r: int) -> List[AotEnt
 
 
 def moe_aot_entries(arch: Union[int, str]) -> List[AotEntry]:
-    """Every MoE kernel × bf16/fp32 × rank block (weight layouts (E, N, K) and (E, K, N) for the two grouped
+    """Every MoE kernel × bf16/fp32 × rank block 16/32/64 (weight layouts (E, N, K) and (E, K, N) for the two grouped
     GEMMs): ``python -m lorafast.aot --entries lorafast.kernels.registry:moe_aot_entries``."""
-    return [e for dtype in AOT_DTYPES for block_r in AOT_RANK_BLOCKS for e in _moe_entries(arch, dtype, block_r)]
+    return [e for dtype in AOT_DTYPES for block_r in MOE_RANK_BLOCKS for e in _moe_entries(arch, dtype, block_r)]
 
 
 def moe_aot_entries_ci(arch: Union[int, str]) -> List[AotEntry]:

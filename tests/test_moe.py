@@ -284,3 +284,14 @@ def test_auto_timing_runs_return_every_output_and_agree(monkeypatch, tmp_path):
         assert chosen == "cublas" and len(timed) == 2 and keys[0].op == "moe4" and keys[0].n == 16
     finally:
         dispatch.clear()
+
+
+def test_rank_above_the_kernels_limit_runs_aten_visibly():
+    from lorafast.moe.functional import MAX_TRITON_RANK
+    from lorafast.strategies import _warned
+
+    _warned.discard("moe-rank")
+    inp = MoeInputs(16, 8, [3, 4], r=MAX_TRITON_RANK + 1)
+    with pytest.warns(UserWarning, match="running the 'aten' strategy"):
+        y = inp.call(lorafast.grouped_lora_linear, backend="fused")
+    assert rel_err(y, inp.call(reference.grouped_lora_linear)) < 1e-5

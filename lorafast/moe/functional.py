@@ -11,11 +11,15 @@ from lorafast import dispatch
 from lorafast.functional import _dropout_seed, scale_tensor
 from lorafast.moe import ops, strategies
 from lorafast.moe.groups import a_per_expert, out_features, weight_nk
-from lorafast.strategies import BACKENDS
+from lorafast.strategies import ALIASES, BACKENDS, TRITON_STRATEGIES, warn_once
 from lorafast.validation import FLOAT_DTYPES
 
 # Timing runs use a fixed seed and a constant dY: they never draw from the default generator.
 _TIMING_SEED = 0x5EED
+# Per-expert ranks above this run `aten`: the MoE kernels' compile gate covers rank blocks 16–64 (at 128 the dH/dB
+# pass and the in-place dX update spilled on every fp32 row and the AMD rows; expert LoRA ranks are rarely that high,
+# as the adapters grow with E).
+MAX_TRITON_RANK = 64
 
 
 def _describe(name: str, t: torch.Tensor) -> str:
@@ -126,9 +130,15 @@ def step_runner(x, weight, transposed, bias, offsets, lora_a, lora_b, scale, p, 
 
 def choose_strategy(backend, x, weight, transposed, bias, offsets, lora_a, lora_b, scale, p) -> str:
     """The strategy for a call (see :func:`lorafast.dispatch.resolve`); "auto" on CUDA times the candidates once
-    per key, whose ``op`` names the family and the expert count and layout (``moe64``, ``moe32t``)."""
+    per key, whose ``op`` names the family and the expert count and layout (``moe64``, ``moe32t``). Ranks above
+    MAX_TRITON_RANK run ``aten`` (one warning when a Triton strategy was asked for)."""
     E = weight.shape[0]
     w2, a2 = weight_nk(weight, transposed)[0], a_per_expert(lora_a, E)[0]  # (N, K), (r, K) views: the key's dims
+    if a2.shape[0] > MAX_TRITON_RANK and ALIASES.get(backend, backend) != "aten":
+        if ALIASES.get(backend, backend) in TRITON_STRATEGIES:
+            warn_once("moe-rank", f"lorafast: grouped_lora_linear: rank {a2.shape[0]} > {MAX_TRITON_RANK} (the MoE "
+                                  "kernels' limit); running the 'aten' strategy instead")
+        return "aten"
     op = f"moe{E}{'t' if transposed else ''}"
     if backend != "auto" or not x.is_cuda:
         return dispatch.resolve(backend, x, w2, a2, p, (False,) * 4, op=op)
