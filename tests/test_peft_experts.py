@@ -352,3 +352,54 @@ def test_bf16_model_within_peft_error_of_float64():
     for name, g64 in grads64.items():
         if "lora_" in name:
             assert_close(grads_p[name], g64, torch.bfloat16, grads_v[name], what=name)
+
+
+class _Holder(torch.nn.Module):
+    """An experts module alone, called with a fixed routing (for layouts no tiny full model here exercises)."""
+
+    def __init__(self, experts, top_k=2, tokens=11, seed=0):
+        super().__init__()
+        self.experts = experts
+        gen = torch.Generator().manual_seed(seed)
+        scores = torch.rand(tokens, experts.num_experts, generator=gen)
+        weights, self.index = scores.topk(top_k, dim=-1)
+        self.weights = weights / weights.sum(-1, keepdim=True)
+
+    def forward(self, x):
+        return self.experts(x, self.index, self.weights)
+
+
+@pytest.mark.parametrize("kind", ["nemotron_h (no gate: up_proj)", "muse_spark (post-expert norm)"])
+def test_ungated_and_post_norm_experts(kind):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind.startswith("nemotron"):
+        from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+        cfg = tf.NemotronHConfig(hidden_size=24, moe_intermediate_size=16, n_routed_experts=4, mlp_hidden_act="relu2")
+        experts, targets = NemotronHExperts(cfg), ["experts.up_proj", "experts.down_proj"]
+    else:
+        from transformers.models.muse_spark.modeling_muse_spark import MuseSparkExperts
+
+        cfg = tf.MuseSparkTextConfig(hidden_size=24, num_attention_heads=2, num_key_value_heads=1, head_dim=12,
+                                     moe_hidden_size=24, moe_intermediate_size=16, num_local_experts=4)
+        experts, targets = MuseSparkExperts(cfg), ["experts.gate_up_proj", "experts.down_proj"]
+    cfg._experts_implementation = "grouped_mm"
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.2)
+    vanilla = get_peft_model(_Holder(experts), LoraConfig(r=3, lora_alpha=6, target_modules=[],
+                                                          target_parameters=targets))
+    randomize_lora(vanilla)
+    patched = copy.deepcopy(vanilla)
+    assert lorafast.patch(patched, backend="aten") == 2
+    x = torch.randn(11, 24)
+    g = torch.randn(11, 24)
+    outs = []
+    for model in (vanilla, patched):
+        xx = x.clone().requires_grad_()
+        model(xx).backward(g)
+        outs.append([xx.grad] + [p.grad for n, p in model.named_parameters() if "lora_" in n])
+    for got, want in zip(outs[1], outs[0]):
+        assert rel_err(got, want) < 1e-5
