@@ -22,7 +22,8 @@ GEMM = "gemm"          # Y = X·Wᵀ + LoRA epilogue: BLOCK_M × BLOCK_N output 
 DX = "dx"              # dX = dY·W + LoRA epilogue: same roles (BLOCK_N tiles dX's K columns, BLOCK_K steps over N)
 SKINNY = "skinny"      # rank-r passes: shrink (M×K → M×r), dH/dB (M×N → M×r, N×r), dA (M×K → r×K)
 EPILOGUE = "epilogue"  # in-place rank-r updates after a cuBLAS GEMM: Y += s·H·Bᵀ, dX += keep⊙(dH·A)/(1−p)
-MOE_SKINNY = "moe_skinny"  # MoE shrink, dH/dB/db and dA passes (kernels/moe_*.py): roles as SKINNY
+MOE_SKINNY = "moe_skinny"  # MoE shrink and dA passes (kernels/moe_*.py): roles as SKINNY
+MOE_DH = "moe_dh"          # MoE dH/dB/db pass (kernels/moe_bwd.py): roles as SKINNY
 MOE_GEMM = "moe_gemm"      # MoE grouped GEMM with the LoRA epilogue (kernels/moe_fwd.py): roles as GEMM
 
 
@@ -61,11 +62,16 @@ _TABLES = {
         90: [(64, 64, 64, 4, 4, 64), (128, 32, 32, 4, 4, 32), (32, 128, 128, 4, 3, 32), (64, 64, 64, 8, 3)],
         80: [(64, 64, 64, 4, 4, 64), (128, 32, 32, 4, 4, 32), (32, 128, 64, 4, 3, 32), (64, 64, 64, 8, 3)],
     },
-    # MoE (rank ≤ 64 on Triton): PEFT's rank-major lora_B gives B_e a rank stride of E (a runtime value), so the dH
-    # pass's B tile and dB atomics take one address per element and the SKINNY rows spilled there (AOT gate, triton
-    # 3.9: 64×64×64 w4 at r = 64, 32×128×128 at r = 32); 8 warps halve the per-thread addresses. The shrink and dA
-    # passes share the table. Not timed on a GPU.
+    # MoE (rank ≤ 64 on Triton; AOT gate, triton 3.9). Shrink and dA: the SKINNY rows, 64×64×64 w4 only up to rank
+    # block 32 (it spilled 8 B at 64 on sm_80 in the MoE shrink, which also finds its expert per program).
     MOE_SKINNY: {
+        90: [(64, 64, 64, 4, 4, 32), (128, 32, 32, 4, 4, 32), (32, 128, 128, 4, 3, 32), (64, 64, 64, 8, 3)],
+        80: [(64, 64, 64, 4, 4, 32), (128, 32, 32, 4, 4, 32), (32, 128, 64, 4, 3, 32), (64, 64, 64, 8, 3)],
+    },
+    # dH/dB/db: PEFT's rank-major lora_B gives B_e a rank stride of E (a runtime value), so the B tile and dB's
+    # atomics take one address per element and the SKINNY rows spilled (64×64×64 w4 at r = 64, 32×128×128 at
+    # r = 32); 8 warps halve the per-thread addresses. Not timed on a GPU.
+    MOE_DH: {
         90: [(64, 64, 64, 8, 3, 64), (64, 32, 64, 8, 3), (128, 32, 64, 8, 3, 64), (128, 32, 32, 4, 4, 32)],
         80: [(64, 64, 64, 8, 3, 64), (64, 32, 64, 8, 3), (128, 32, 64, 8, 3, 64), (128, 32, 32, 4, 4, 32)],
     },
@@ -89,7 +95,8 @@ _FP32_TABLE = {
     DX: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
     SKINNY: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 16), (16, 32, 16, 4, 2)],
     EPILOGUE: [(32, 64, 16, 4, 2, 16), (32, 32, 16, 4, 2, 64), (16, 32, 16, 4, 2)],
-    MOE_SKINNY: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 16), (16, 32, 16, 8, 2)],
+    MOE_SKINNY: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 16), (16, 32, 16, 4, 2)],
+    MOE_DH: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 16), (16, 32, 16, 8, 2)],
     MOE_GEMM: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
 }
 # AMD CDNA3 (MI300, gfx942; warp = 64-lane wavefront): 64 KiB of LDS per workgroup, so the NVIDIA
@@ -100,7 +107,9 @@ _AMD_TABLES = {
     DX: [(128, 128, 64, 8, 2, 64), (64, 128, 64, 4, 2), (128, 64, 64, 4, 2)],
     SKINNY: [(64, 64, 64, 4, 2), (128, 32, 32, 4, 2, 32), (32, 128, 128, 4, 2, 32)],
     EPILOGUE: [(64, 128, 16, 4, 2), (128, 64, 16, 8, 2, 32), (64, 64, 16, 4, 2, 32)],
-    MOE_SKINNY: [(64, 64, 64, 8, 2), (64, 32, 64, 8, 2, 32), (128, 32, 32, 4, 2, 32)],
+    # 4 warps for the shrink (8-warp rows cost 60.4 instructions per mask element there), 8 for dH (spills).
+    MOE_SKINNY: [(64, 64, 64, 4, 2), (128, 32, 32, 4, 2, 32), (32, 128, 128, 4, 2, 32)],
+    MOE_DH: [(64, 64, 64, 8, 2), (64, 32, 64, 8, 2, 32), (128, 32, 32, 4, 2, 32)],
     MOE_GEMM: [(128, 128, 64, 8, 2), (64, 128, 64, 4, 2), (128, 64, 64, 4, 2)],
 }
 _AMD_FP32_TABLE = {
@@ -109,6 +118,7 @@ _AMD_FP32_TABLE = {
     SKINNY: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
     EPILOGUE: [(32, 64, 16, 4, 2), (32, 32, 16, 4, 2)],
     MOE_SKINNY: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
+    MOE_DH: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
     MOE_GEMM: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
 }
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}

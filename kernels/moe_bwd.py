@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from lorafast.kernels import alloc
-from lorafast.kernels.configs import DX, EPILOGUE, MOE_SKINNY, launch, m_bucket, rank_block, split_for
+from lorafast.kernels.configs import DX, EPILOGUE, MOE_DH, MOE_SKINNY, launch, m_bucket, rank_block, split_for
 from lorafast.kernels.dropout import dropout_col_keys, dropout_keep, dropout_row_keys, mask_threshold
 from lorafast.kernels.dtypes import dot_precision
 from lorafast.kernels.lora_bwd import dx_lora_tile
@@ -214,7 +214,7 @@ def moe_grads(
         return tiles, split_for(triton.cdiv(S, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), dev)
 
     launch(
-        moe_grad_h_kernel, MOE_SKINNY, dev, grid_h,
+        moe_grad_h_kernel, MOE_DH, dev, grid_h,
         (grad_y, lora_b, h, scaling, dh, db_lora if need_db_lora else dh, dbias if need_dbias else dh, offsets,
          S, N, R, E, m_bucket(S), *grad_y.stride(), *lora_b.stride(), h_factor),
         key=("M_BUCKET", "N"),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 from unittest import mock
 
-from lorafast.kernels.configs import DX, EPILOGUE, GEMM, MOE_GEMM, MOE_SKINNY, SKINNY, gpu_configs
+from lorafast.kernels.configs import DX, EPILOGUE, GEMM, MOE_DH, MOE_GEMM, MOE_SKINNY, SKINNY, gpu_configs
 from lorafast.kernels.dequant import dequant_4bit_kernel, gemm_4bit_kernel
 from lorafast.kernels.lora_bwd import (
     dx_lora_add_kernel,
@@ -349,7 +349,7 @@ def _moe_entries(arch: Union[int, str], dtype: str, block_r: int) -> List[AotEnt
         ("moe_shrink", moe_shrink_kernel, {"HAS_DROPOUT": True}, MOE_SKINNY, True, ("BLOCK_M", "BLOCK_K"), ("",)),
         ("moe_lora_gemm", moe_lora_gemm_kernel, {"HAS_BIAS": True}, MOE_GEMM, False, (), ("nk", "kn")),
         ("moe_expand_add", moe_expand_add_kernel, {"HAS_BIAS": True}, EPILOGUE, False, (), ("",)),
-        ("moe_grad_h", moe_grad_h_kernel, {"NEED_DB_LORA": True, "NEED_DBIAS": True}, MOE_SKINNY, True, (), ("",)),
+        ("moe_grad_h", moe_grad_h_kernel, {"NEED_DB_LORA": True, "NEED_DBIAS": True}, MOE_DH, True, (), ("",)),
         ("moe_dx", moe_dx_kernel, {"HAS_DROPOUT": True}, DX, False, ("BLOCK_M", "BLOCK_N"), ("nk", "kn")),
         ("moe_dx_lora_add", moe_dx_lora_add_kernel, {"HAS_DROPOUT": True}, EPILOGUE, False, ("BLOCK_M", "BLOCK_N"),
          ("",)),
