@@ -27,7 +27,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=[
-        "lorafast", "lorafast.bench", "lorafast.dora", "lorafast.peft", "lorafast.strategies", "lorafast.kernels",
+        "lorafast", "lorafast.bench", "lorafast.dora", "lorafast.moe", "lorafast.moe.strategies", "lorafast.peft",
+        "lorafast.strategies", "lorafast.kernels",
     ],
     package_dir={"lorafast": "lorafast", "lorafast.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy", "tqdm"],

@@ -25,6 +25,9 @@ EPILOGUE = "epilogue"  # in-place rank-r updates after a cuBLAS GEMM: Y += s·H�
 TWO_ACC = "two_acc"    # DoRA's GEMMs with dropout (kernels/dora_*.py): GEMM/DX roles, two BLOCK_M×BLOCK_N accumulators
 DORA_SKINNY = "dora_skinny"  # DoRA's dH/dB/db/dm pass: SKINNY roles, more live operands (g⊙B, dYᵀ·H, Zb)
 DORA_GEMM = "dora_gemm"  # DoRA's forward GEMM without dropout: GEMM roles, a g-scaled epilogue that also stores Zb
+MOE_SKINNY = "moe_skinny"  # MoE shrink and dA passes (kernels/moe_*.py): roles as SKINNY
+MOE_DH = "moe_dh"          # MoE dH/dB/db pass (kernels/moe_bwd.py): roles as SKINNY
+MOE_GEMM = "moe_gemm"      # MoE grouped GEMM with the LoRA epilogue (kernels/moe_fwd.py): roles as GEMM
 
 
 def interpreting() -> bool:
@@ -63,6 +66,24 @@ _TABLES = {
     SKINNY: {
         90: [(64, 64, 64, 4, 4, 64), (128, 32, 32, 4, 4, 32), (32, 128, 128, 4, 3, 32), (64, 64, 64, 8, 3)],
         80: [(64, 64, 64, 4, 4, 64), (128, 32, 32, 4, 4, 32), (32, 128, 64, 4, 3, 32), (64, 64, 64, 8, 3)],
+    },
+    # MoE (rank ≤ 64 on Triton; AOT gate, triton 3.9). Shrink and dA: the SKINNY rows, 64×64×64 w4 only up to rank
+    # block 32 (it spilled 8 B at 64 on sm_80 in the MoE shrink, which also finds its expert per program).
+    MOE_SKINNY: {
+        90: [(64, 64, 64, 4, 4, 32), (128, 32, 32, 4, 4, 32), (32, 128, 128, 4, 3, 32), (64, 64, 64, 8, 3)],
+        80: [(64, 64, 64, 4, 4, 32), (128, 32, 32, 4, 4, 32), (32, 128, 64, 4, 3, 32), (64, 64, 64, 8, 3)],
+    },
+    # dH/dB/db: PEFT's rank-major lora_B gives B_e a rank stride of E (a runtime value), so the B tile and dB's
+    # atomics take one address per element and the SKINNY rows spilled (64×64×64 w4 at r = 64, 32×128×128 at
+    # r = 32); 8 warps halve the per-thread addresses. Not timed on a GPU.
+    MOE_DH: {
+        90: [(64, 64, 64, 8, 3, 64), (64, 32, 64, 8, 3), (128, 32, 64, 8, 3, 64), (128, 32, 32, 4, 4, 32)],
+        80: [(64, 64, 64, 8, 3, 64), (64, 32, 64, 8, 3), (128, 32, 64, 8, 3, 64), (128, 32, 32, 4, 4, 32)],
+    },
+    # The GEMM rows, but 128×256×64 (which spilled 160 B at rank block 64 on sm_90 in the grouped GEMM) up to 32.
+    MOE_GEMM: {
+        90: [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3, 32), (64, 128, 64, 4, 4, 64), (128, 64, 64, 8, 4)],
+        80: [(128, 128, 32, 8, 4, 64), (64, 128, 32, 4, 4, 64), (128, 64, 32, 4, 4, 64), (64, 128, 32, 8, 3)],
     },
     # Elementwise-sized tiles with one small dot; BLOCK_K is unused.
     EPILOGUE: {
@@ -108,6 +129,9 @@ _FP32_TABLE = {
     # 16×16×16 spilled at rank block 128, so above rank block 64 fp32 DoRA runs `aten` on NVIDIA
     # (lorafast.dora.functional.triton_dora_fallback).
     DORA_SKINNY: [(32, 32, 32, 4, 2, 64)],
+    MOE_SKINNY: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 16), (16, 32, 16, 4, 2)],
+    MOE_DH: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 16), (16, 32, 16, 8, 2)],
+    MOE_GEMM: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
 }
 # AMD CDNA3 (MI300, gfx942; warp = 64-lane wavefront): 64 KiB of LDS per workgroup, so the NVIDIA
 # tables' deep pipelines do not fit; Triton's AMD stream pipeliner runs num_stages = 2. Rows from the
@@ -121,6 +145,10 @@ _AMD_TABLES = {
     DORA_SKINNY: [(64, 64, 64, 4, 2), (128, 32, 32, 4, 2, 32), (32, 128, 128, 4, 2, 32)],
     # 128×64 w4 spilled 24 B at rank block 128 in the DoRA forward (gfx942 gate).
     DORA_GEMM: [(128, 128, 64, 8, 2), (64, 128, 64, 4, 2), (128, 64, 64, 4, 2, 64)],
+    # 4 warps for the shrink (8-warp rows cost 60.4 instructions per mask element there), 8 for dH (spills).
+    MOE_SKINNY: [(64, 64, 64, 4, 2), (128, 32, 32, 4, 2, 32), (32, 128, 128, 4, 2, 32)],
+    MOE_DH: [(64, 64, 64, 8, 2), (64, 32, 64, 8, 2, 32), (128, 32, 32, 4, 2, 32)],
+    MOE_GEMM: [(128, 128, 64, 8, 2), (64, 128, 64, 4, 2), (128, 64, 64, 4, 2)],
 }
 _AMD_FP32_TABLE = {
     GEMM: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
@@ -130,6 +158,9 @@ _AMD_FP32_TABLE = {
     TWO_ACC: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
     DORA_SKINNY: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
     DORA_GEMM: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
+    MOE_SKINNY: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
+    MOE_DH: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
+    MOE_GEMM: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
 }
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
 

@@ -4,7 +4,7 @@ spills, with tensor-core (MFMA) instructions, without memory fences, with a chea
 grid that fills the GPU at the reference shapes.
 
 `aot_entries(arch)` is the full matrix (7 kernels × bf16/fp32 × rank blocks 16/32/64/128, plus the
-QLoRA kernels of `lorafast.kernels.dequant`); `aot_entries_ci(arch)`
+QLoRA kernels of `lorafast.kernels.dequant` and the MoE kernels of `moe_aot_entries`); `aot_entries_ci(arch)`
 is the representative subset the default test suite compiles (see its docstring).
 """
 
@@ -17,7 +17,19 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 from unittest import mock
 
-from lorafast.kernels.configs import DORA_GEMM, DORA_SKINNY, DX, EPILOGUE, GEMM, SKINNY, TWO_ACC, gpu_configs
+from lorafast.kernels.configs import (
+    DORA_GEMM,
+    DORA_SKINNY,
+    DX,
+    EPILOGUE,
+    GEMM,
+    MOE_DH,
+    MOE_GEMM,
+    MOE_SKINNY,
+    SKINNY,
+    TWO_ACC,
+    gpu_configs,
+)
 from lorafast.kernels.dequant import dequant_4bit_kernel, gemm_4bit_kernel
 from lorafast.kernels.lora_bwd import (
     dx_lora_add_kernel,
@@ -244,9 +256,9 @@ def _dequant_entries(arch: Union[int, str]) -> List[AotEntry]:
 
 
 def aot_entries(arch: Union[int, str]) -> List[AotEntry]:
-    """All (kernel, dtype, rank block) variants for ``arch`` (80, 90 or "gfx942"), plus the dequant kernels."""
+    """All (kernel, dtype, rank block) variants for ``arch`` (80, 90 or "gfx942"), plus the dequant and MoE kernels."""
     lora = [e for dtype in AOT_DTYPES for block_r in AOT_RANK_BLOCKS for e in _entries(arch, dtype, block_r)]
-    return lora + _dequant_entries(arch)
+    return lora + _dequant_entries(arch) + moe_aot_entries(arch)
 
 
 # The default test suite's subset (2 CPU cores, a few minutes at most): sm_90 compiles every config of bf16
@@ -265,7 +277,7 @@ def aot_entries_ci(arch: Union[int, str]) -> List[AotEntry]:
         dataclasses.replace(e, configs=e.configs[:n]) if n else e
         for dtype, block_r, n in subset for e in _entries(arch, dtype, block_r)
     ]
-    return lora + _dequant_entries(arch)
+    return lora + _dequant_entries(arch) + moe_aot_entries_ci(arch)
 
 
 # ---- DoRA (issue 19) and W read transposed (GPT-2 Conv1D, fan_in_fan_out) ------------------------------------
@@ -401,3 +413,132 @@ def dora_aot_entries(arch: Union[int, str]) -> List[AotEntry]:
     lorafast.kernels.registry:dora_aot_entries --arch 80 --arch 90 --arch gfx942``."""
     return [e for dtype in AOT_DTYPES for block_r in DORA_RANK_BLOCKS
             for e in (*_dora_entries(arch, dtype, block_r), *_plain_transposed_w_entries(arch, dtype, block_r))]
+
+
+
+# ---- MoE experts (issue 20): the grouped kernels of lorafast.kernels.moe_fwd / moe_bwd -----------------------
+
+# Per-expert ranks above 64 run `aten` (lorafast.moe.functional.MAX_TRITON_RANK): the rank blocks the kernels use.
+MOE_RANK_BLOCKS = (16, 32, 64)
+# Grid-check stand-in for the expert count: the reference shapes' (M, K, N) read as (S token slots, K, N).
+MOE_GRID_EXPERTS = 64
+# Unit strides of contiguous operands in the MoE kernels: lora_B's column stride (B_e's rank stride is then E, a
+# runtime value) and the bias's; the weight's unit stride depends on its layout (below).
+_MOE_UNITS = {"stride_xk", "stride_ak", "stride_yn", "stride_dyn", "stride_dxk", "stride_bc", "stride_biasn"}
+# (E, N, K) transformers layout: unit K stride; (E, K, N) gpt-oss layout: unit N stride.
+_MOE_WEIGHT_UNITS = {"nk": "stride_wk", "kn": "stride_wn"}
+
+
+def _moe_launcher_calls(S: int, K: int, N: int, act, r: int = 16) -> Dict[str, Callable[[], object]]:
+    import torch
+
+    from lorafast.kernels import moe_bwd, moe_fwd
+
+    E, f32 = MOE_GRID_EXPERTS, torch.float32
+    x, w, bias = _meta((S, K), act), _meta((E, N, K), act), _meta((E, N), act)
+    a, b, h, dy = _meta((E * r, K), f32), _meta((N, r * E), f32), _meta((S, r), f32), _meta((S, N), act)
+    offsets, seed, scale = _meta((E,), torch.int32), _meta((1,), torch.int64), _meta((), f32)
+    return {
+        "moe_shrink": lambda: moe_fwd.moe_shrink(x, a, offsets, seed, 0.1),
+        "moe_lora_gemm": lambda: moe_fwd.moe_lora_gemm(x, w, False, bias, offsets, h, b, scale),
+        "moe_expand_add": lambda: moe_fwd.moe_expand_add(dy, bias, offsets, h, b, scale),
+        "moe_grad_h": lambda: moe_bwd.moe_grads(dy, x, offsets, a, b, h, scale, seed, 0.1, False, True, True),
+        "moe_grad_a": lambda: moe_bwd.moe_grads(dy, x, offsets, a, b, h, scale, seed, 0.1, True, False, False),
+        "moe_dx": lambda: moe_bwd.moe_dx(dy, w, False, offsets, h, a, seed, 0.1),
+        "moe_dx_lora_add": lambda: moe_bwd.moe_dx_lora_add(x, offsets, h, a, seed, 0.1),
+    }
+
+
+def moe_launcher_grid(kernel: str, meta: Dict[str, object], shape: Tuple[int, int, int], num_sms: int,
+                      dtype: str = "bf16") -> Tuple[int, ...]:
+    """The grid a MoE launcher computes for a config at ``shape`` = (S, K, N) with MOE_GRID_EXPERTS experts (as
+    :func:`launcher_grid`), its row axis counting only the row tiles with work (see below)."""
+    import torch
+
+    from lorafast.kernels import configs, moe_bwd, moe_fwd
+
+    captured = []
+
+    def capture(fn, kind, device, grid, args, *rest, **kwargs):
+        captured.append((fn, grid))
+
+    act = torch.bfloat16 if dtype == "bf16" else torch.float32
+    with contextlib.ExitStack() as stack:
+        for module in (moe_fwd, moe_bwd):
+            stack.enter_context(mock.patch.object(module, "launch", capture))
+        stack.enter_context(mock.patch.object(configs, "num_sms", lambda device: num_sms))
+        _moe_launcher_calls(*shape, act)[kernel]()
+        fn_name = kernel + "_kernel"
+        grids = [grid for fn, grid in captured if getattr(getattr(fn, "fn", fn), "__name__", "") == fn_name]
+        if len(grids) != 1:
+            raise RuntimeError(f"{kernel}: expected one launch of {fn_name}, saw {len(grids)}")
+        grid = [int(g) for g in grids[0](dict(meta))]
+    # The row axis is launched at its bound cdiv(S, BLOCK_M) + E + 1; count the tiles that carry rows when every
+    # expert's count is a multiple of BLOCK_M (the rest exit at once), so the waves check judges real work.
+    grid[0] -= MOE_GRID_EXPERTS + 1
+    return tuple(grid)
+
+
+def _moe_entries(arch: Union[int, str], dtype: str, block_r: int) -> List[AotEntry]:
+    from lorafast.kernels.moe_bwd import moe_dx_kernel, moe_dx_lora_add_kernel, moe_grad_a_kernel, moe_grad_h_kernel
+    from lorafast.kernels.moe_fwd import moe_expand_add_kernel, moe_lora_gemm_kernel, moe_shrink_kernel
+
+    fp32 = dtype == "fp32"
+    common = {"DOT_PRECISION": "ieee", "BLOCK_R": block_r, "BLOCK_E": 256}  # as at run time (see _entries)
+    act, ad = f"*{dtype}", f"*{AOT_DTYPES[dtype]}"
+    pointers = {
+        "x_ptr": act, "w_ptr": act, "bias_ptr": act, "y_ptr": act, "dy_ptr": act, "dx_ptr": act,
+        "a_ptr": ad, "b_ptr": ad, "seed_ptr": "*i64", "offsets_ptr": "*i32",
+        "h_ptr": "*fp32", "dh_ptr": "*fp32", "da_ptr": "*fp32", "scale_ptr": "*fp32", "db_lora_ptr": "*fp32",
+        "dbias_ptr": "*fp32",
+    }
+    # (name, kernel, constexprs, config family, skinny?, mask tile, weight layouts)
+    rows = [
+        ("moe_shrink", moe_shrink_kernel, {"HAS_DROPOUT": True}, MOE_SKINNY, True, ("BLOCK_M", "BLOCK_K"), ("",)),
+        ("moe_lora_gemm", moe_lora_gemm_kernel, {"HAS_BIAS": True}, MOE_GEMM, False, (), ("nk", "kn")),
+        ("moe_expand_add", moe_expand_add_kernel, {"HAS_BIAS": True}, EPILOGUE, False, (), ("",)),
+        ("moe_grad_h", moe_grad_h_kernel, {"NEED_DB_LORA": True, "NEED_DBIAS": True}, MOE_DH, True, (), ("",)),
+        ("moe_dx", moe_dx_kernel, {"HAS_DROPOUT": True}, DX, False, ("BLOCK_M", "BLOCK_N"), ("nk", "kn")),
+        ("moe_dx_lora_add", moe_dx_lora_add_kernel, {"HAS_DROPOUT": True}, EPILOGUE, False, ("BLOCK_M", "BLOCK_N"),
+         ("",)),
+        ("moe_grad_a", moe_grad_a_kernel, {"HAS_DROPOUT": True}, MOE_SKINNY, True, ("BLOCK_M", "BLOCK_K"), ("",)),
+    ]
+    entries = []
+    for name, fn, extra, kind, skinny, mask_tile, layouts in rows:
+        for layout in layouts:
+            units = _MOE_UNITS | ({_MOE_WEIGHT_UNITS[layout]} if layout else set())
+            params = _runtime_args(fn)
+            signature = {}
+            for param in params:
+                if param in units:
+                    continue
+                if param in pointers:
+                    signature[param] = pointers[param]
+                elif param in FLOAT_SCALARS:
+                    signature[param] = "fp32"
+                elif param in UNSPECIALISED or param == "E":
+                    signature[param] = "i32"
+                else:
+                    signature[param] = "i32:16"
+            label = f"{name}[{layout},r{block_r}]" if layout else f"{name}[r{block_r}]"
+            entries.append(AotEntry(
+                label, fn, signature, {**common, **extra, **{u: 1 for u in units if u in params}},
+                gpu_configs(kind, arch, fp32, block_r), not fp32, arch, dtype,
+                launch_grid=lambda meta, shape, sms, _n=name, _d=dtype: moe_launcher_grid(_n, meta, shape, sms, _d),
+                min_waves=SKINNY_MIN_WAVES if skinny else 0.0,
+                dropout_flag="HAS_DROPOUT" if mask_tile else "", mask_tile=mask_tile,
+            ))
+    return entries
+
+
+def moe_aot_entries(arch: Union[int, str]) -> List[AotEntry]:
+    """Every MoE kernel × bf16/fp32 × rank block 16/32/64 (weight layouts (E, N, K) and (E, K, N) for the two grouped
+    GEMMs): ``python -m lorafast.aot --entries lorafast.kernels.registry:moe_aot_entries``."""
+    return [e for dtype in AOT_DTYPES for block_r in MOE_RANK_BLOCKS for e in _moe_entries(arch, dtype, block_r)]
+
+
+def moe_aot_entries_ci(arch: Union[int, str]) -> List[AotEntry]:
+    """The MoE kernels' share of the CI subset: bf16 at rank block 64, the first config of each, sm_90 only."""
+    if arch != 90:
+        return []
+    return [dataclasses.replace(e, configs=e.configs[:1]) for e in _moe_entries(arch, "bf16", 64)]

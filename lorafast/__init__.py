@@ -10,6 +10,8 @@ Public API::
     lorafast.patch(peft_model), lorafast.unpatch(peft_model)   # PEFT drop-in
     lorafast.tune(model, *example_inputs)    # pre-time backend="auto"'s strategies for a model's shapes (CUDA)
     lorafast.set_adapter_precision("fp32")   # PEFT's precision for fp32 adapters on a 16-bit base (Triton paths)
+    lorafast.grouped_lora_linear(x, weight, bias, offsets, lora_a, lora_b, scaling, ...)   # MoE experts, no ΔW
+    lorafast.set_expert_dropout(peft_model, p)   # dropout on patched expert LoRA (PEFT rejects it)
 """
 
 from lorafast import reference
@@ -18,6 +20,7 @@ from lorafast.dora import dora_linear
 from lorafast.functional import lora_linear
 from lorafast.kernels.dtypes import set_adapter_precision
 from lorafast.modules import LoRALinear
+from lorafast.moe import grouped_lora_linear
 from lorafast.version import __version__
 
 
@@ -41,7 +44,16 @@ def unpatch(model):
     return _unpatch(model)
 
 
+def set_expert_dropout(model, p: float) -> int:
+    """Dropout ``p`` on the LoRA input of every patched MoE expert projection (PEFT's ParamWrapper rejects
+    ``lora_dropout``); returns the count. See :func:`lorafast.peft.set_expert_dropout`.
+    """
+    from lorafast.peft import set_expert_dropout as _set
+
+    return _set(model, p)
+
+
 __all__ = [
-    "LoRALinear", "dora_linear", "lora_linear", "patch", "reference", "set_adapter_precision", "tune", "unpatch",
-    "__version__",
+    "LoRALinear", "dora_linear", "grouped_lora_linear", "lora_linear", "patch", "reference", "set_adapter_precision",
+    "set_expert_dropout", "tune", "unpatch", "__version__",
 ]

@@ -2,7 +2,8 @@
 
 Commands:
     bench     correctness, speed and memory of lorafast (and each strategy) vs PEFT, the reference and the frozen
-              linear, plus host cost per call; --host (host cost only), --quant nf4 (QLoRA vs PEFT)
+              linear, plus host cost per call; --host (host cost only), --quant nf4 (QLoRA vs PEFT), --moe (MoE
+              experts: a Qwen3-MoE block, frozen vs PEFT target_parameters vs lorafast)
     roofline  predicted times and ratios on H100 / H200 for the bench shapes
     doctor    versions, device, kernels compiled for it, every strategy checked against float64, what auto picks;
               --json report.json to attach to an issue
@@ -19,7 +20,8 @@ from typing import List, Optional
 
 # name -> (module, one-line help).
 COMMANDS = {
-    "bench": ("lorafast.bench", "check and time lorafast against PEFT, the reference and the floor (--host, --quant)"),
+    "bench": ("lorafast.bench",
+              "check and time lorafast against PEFT, the reference and the floor (--host, --quant, --moe)"),
     "roofline": ("lorafast.roofline", "print the roofline prediction table (H100/H200)"),
     "doctor": ("lorafast.doctor", "check lorafast on this machine and write a report (--quick, --json PATH)"),
 }

@@ -587,6 +587,7 @@ def resolve(
     dropout_p: float,
     needs: Tuple[bool, bool, bool, bool],
     make_run: Optional[Callable[[str], Callable[[], object]]] = None,
+    op: str = "lora",
 ) -> str:
     """The strategy to run for these inputs: a STRATEGIES name.
 
@@ -594,6 +595,7 @@ def resolve(
     needs: (need_dx, need_da, need_db_lora, need_dbias) — part of the tuning key.
     make_run: for "auto" on CUDA, ``make_run(name)`` gives a closure running one step of strategy
     ``name`` on these inputs, for the dispatcher to time (None: no timing; cached choice or default).
+    op: the problem family of the tuning key (:class:`StrategyKey`), e.g. "moe64" for the grouped experts op.
 
     The environment variable LORAFAST_STRATEGY, when set, replaces "auto" (on CPU too).
     Explicit Triton strategies need CUDA tensors, or CPU under TRITON_INTERPRET=1 (set before triton is
@@ -613,7 +615,7 @@ def resolve(
             return "aten"
         if triton_fallback(x, lora_a) is not None:
             return "aten"
-        return _auto(x, weight, lora_a, dropout_p, needs, make_run)
+        return _auto(x, weight, lora_a, dropout_p, needs, make_run, op)
     if not x.is_cuda and not interpreting():
         raise ValueError(
             f"lora_linear: backend={backend!r} needs CUDA tensors, but x is on {x.device}; on CPU set "
@@ -642,5 +644,6 @@ def auto_candidates(dtype: torch.dtype) -> Tuple[str, ...]:
     return ("cublas", "aten") if dtype == torch.float32 else STRATEGIES
 
 
-def _auto(x, weight, lora_a, dropout_p, needs, make_run) -> str:
-    return select_call(x, weight, lora_a, dropout_p, needs, auto_candidates(x.dtype), make_run, default=DEFAULT_CUDA)
+def _auto(x, weight, lora_a, dropout_p, needs, make_run, op: str = "lora") -> str:
+    return select_call(x, weight, lora_a, dropout_p, needs, auto_candidates(x.dtype), make_run, default=DEFAULT_CUDA,
+                       op=op)

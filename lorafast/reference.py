@@ -118,3 +118,62 @@ def dora_linear(
     base = F.linear(lora_in, weight_l)
     lora = F.linear(F.linear(lora_in, lora_a), lora_b)
     return (result + (g - 1) * base + g * lora * scaling).to(x.dtype)
+
+
+def grouped_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    offsets: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: Scaling,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    backend: str = "auto",
+    *,
+    transposed: bool = False,
+    dropout_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Reference grouped (MoE experts) LoRA: for each expert e, ``Y_e = X_e·W_eᵀ + b_e + s·(drop(X_e)·A_eᵀ)·B_eᵀ``.
+
+    PEFT's ``ParamWrapper`` math for a 3-D expert parameter, one expert at a time: A_e and B_e are the slices
+    ``lora_a.reshape(E, r, K)[e]`` and ``lora_b.reshape(N, r, E)[:, :, e]`` its ``get_delta_weight`` takes
+    (lora_A is Linear(K, r·E), expert-major; lora_B is Linear(r·E, N), rank-major).
+
+    Args:
+        x: (S, K) token rows sorted by expert (expert e owns rows ``offsets[e-1]:offsets[e]``), any float dtype.
+        weight: (E, N, K) — transformers' ``gate_up_proj`` (E, 2I, H) / ``down_proj`` (E, H, I) — or, with
+            ``transposed``, (E, K, N) (gpt-oss). bias: (E, N) or None.
+        offsets: (E,) integer cumulative row counts; rows at or past ``offsets[-1]`` belong to no expert and
+            get zeros.
+        lora_a: (E·r, K); lora_b: (N, r·E) — may be a wider dtype than ``x`` (the LoRA branch then runs in it).
+        scaling, dropout_p, training, dropout_mask: as :func:`lora_linear`; the mask is (S, K).
+        backend: ignored (signature compatibility with :func:`lorafast.grouped_lora_linear`).
+
+    Returns:
+        (S, N) tensor in ``x.dtype``.
+    """
+    del backend
+    E = weight.shape[0]
+    K = x.shape[1]
+    N = weight.shape[2] if transposed else weight.shape[1]
+    r = lora_a.shape[0] // E
+    a = lora_a.reshape(E, r, K)
+    b = lora_b.reshape(N, r, E)
+    y = x.new_zeros((x.shape[0], N))
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        x_e = x[start:end]
+        w_e = weight[e].t() if transposed else weight[e]
+        base = F.linear(x_e, w_e, None if bias is None else bias[e])
+        lora_in = x_e.to(lora_a.dtype)
+        if training and dropout_p > 0.0:
+            if dropout_mask is None:
+                lora_in = F.dropout(lora_in, p=dropout_p, training=True)
+            else:
+                lora_in = lora_in * dropout_mask[start:end].to(lora_in.dtype) / (1.0 - dropout_p)
+        lora = F.linear(F.linear(lora_in, a[e]), b[:, :, e]) * scaling
+        y[start:end] = (base + lora).to(x.dtype)
+        start = end
+    return y

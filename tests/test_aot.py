@@ -206,7 +206,7 @@ def test_registry_lists_every_kernel_with_its_launchers_family():
         assert got == [config_label(c) for c in configs.gpu_configs(kind, 90, block_r=64)], kernel
     assert {e.dtype for e in entries if e.name.startswith("lora_")} == {"bf16", "fp32"}
     skinny = {e.name.split("[")[0] for e in entries if e.min_waves}
-    assert skinny == {"lora_shrink", "lora_grad_h", "lora_grad_a"}
+    assert skinny == {"lora_shrink", "lora_grad_h", "lora_grad_a", "moe_shrink", "moe_grad_h", "moe_grad_a"}
     amd = registry.aot_entries("gfx942")
     assert [config_label(c) for c in amd[0].configs] == [config_label(c) for c in configs.gpu_configs(
         configs.SKINNY, "gfx942")]

@@ -7,12 +7,13 @@ first correctness (output and gradients vs float64; with dropout each implementa
 recovered and replayed), then bytes saved for backward, then timing. Modes: ``fwd`` is inference
 (``training=False``, no grad), ``fwd+bwd`` a training step (dropout ``p``, grads of X, A and B).
 The report also has a host-cost section (``--host`` alone: only it) and, with ``--quant nf4``, the QLoRA
-comparison instead of the sweep.
+comparison instead of the sweep; ``--moe`` runs the MoE experts comparison instead (a Qwen3-MoE sparse block:
+frozen, PEFT's ``target_parameters`` LoRA, lorafast).
 
 Modules: ``inputs`` (the one input builder, shared with the tests), ``impls`` (the layers and calls),
 ``checks`` (errors, saved bytes), ``timing``, ``core`` (the run), ``report`` (markdown, JSON, plot),
-``host`` (host µs and launches), ``quant`` (QLoRA), ``cli`` (flags). Shapes live in :mod:`lorafast.shapes`,
-shared with :mod:`lorafast.roofline` (which does not import the bench).
+``host`` (host µs and launches), ``quant`` (QLoRA), ``moe`` (MoE experts), ``cli`` (flags). Shapes live in
+:mod:`lorafast.shapes`, shared with :mod:`lorafast.roofline` (which does not import the bench).
 """
 
 import lorafast  # noqa: F401  (bench.lorafast: tests swap lorafast.lora_linear through it)

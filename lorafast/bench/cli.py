@@ -74,6 +74,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="only the DoRA comparison (issue 19): PEFT DoRA, lorafast DoRA (patched layer and per strategy), PEFT "
         "and lorafast LoRA, the frozen base; default shapes 2048,768,768 r=8 and 512,2048,5632 r=16 on CPU",
     )
+    parser.add_argument(
+        "--moe",
+        nargs="*",
+        default=None,
+        metavar="E,H,I,K,T",
+        help="only the MoE experts comparison: a Qwen3-MoE sparse block (E experts, hidden H, expert width I, "
+        "top-K, T tokens), fwd+bwd, frozen vs PEFT target_parameters vs lorafast; default shapes "
+        "64,1024,512,8,1024 128,1024,256,8,2048 (--quick: 8,64,32,2,64)",
+    )
     parser.add_argument("--quick", action="store_true", help="fewer ranks and repeats (~30 s on a 2-core CPU)")
     parser.add_argument(
         "--cuda-graphs",
@@ -187,6 +196,27 @@ def _dora_only(config: BenchConfig, args: argparse.Namespace) -> Dict[str, objec
     return report
 
 
+def _moe_only(config: BenchConfig, args: argparse.Namespace) -> Dict[str, object]:
+    from lorafast.bench.moe import MOE_SHAPES, QUICK_SHAPES, MoeConfig, run_moe
+
+    shapes = []
+    for text in args.moe:
+        parts = text.split(",")
+        if len(parts) != 5 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--moe: expected E,H,I,K,T (positive integers), got {text!r}")
+        shapes.append(tuple(int(p) for p in parts))
+    moe = MoeConfig(
+        shapes=shapes or (QUICK_SHAPES if config.quick else MOE_SHAPES), device=config.device, dtype=config.dtype,
+        strategies=("auto", *config.strategies) if config.device.type == "cuda" else config.strategies,
+        rank=config.ranks[0] if args.rank else 16, quick=config.quick, cpu_budget_s=config.cpu_budget_s,
+        seed=config.seed,
+    )  # fmt: skip
+    report = {"environment": environment(config), "results": [], "failures": [], "complete": False}
+    report["moe"] = run_moe(moe)
+    report["complete"] = True
+    return report
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the bench for parsed ``args``; exit status 1 if any implementation failed its check."""
     if args.threads is not None:
@@ -209,7 +239,9 @@ def run(args: argparse.Namespace) -> int:
                 f"lorafast bench: load average {load:.1f} on {cores} cores; CPU timings will be disturbed",
                 file=sys.stderr,
             )
-    suffix = "-host" if args.host else f"-{args.quant}" if args.quant else "-dora" if args.dora else ""
+    moe = getattr(args, "moe", None) is not None
+    suffix = ("-host" if args.host else f"-{args.quant}" if args.quant else "-dora" if args.dora
+              else "-moe" if moe else "")
     stem: Optional[str] = args.name
     if args.host:
         report = _host_only(config)
@@ -217,6 +249,12 @@ def run(args: argparse.Namespace) -> int:
         report = _quant_only(config, args)
     elif args.dora:
         report = _dora_only(config, args)
+    elif moe:
+        try:
+            report = _moe_only(config, args)
+        except ValueError as exc:
+            print(f"lorafast bench: error: {exc}", file=sys.stderr)
+            return 2
     else:
         on_group_done = None
         if args.out:

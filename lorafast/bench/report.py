@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Tuple
 from lorafast.bench.checks import GRAD_NAMES
 from lorafast.bench.host import host_markdown
 from lorafast.bench.impls import IMPLEMENTATIONS
+from lorafast.bench.moe import moe_markdown
 from lorafast.bench.quant import quant_markdown
 from lorafast.strategies import STRATEGIES
 
@@ -183,7 +184,7 @@ def _correctness_table(report: Dict[str, object]) -> List[str]:
 
 def markdown_report(report: Dict[str, object]) -> str:
     """The markdown written to ``<stem>.md`` and printed on stdout: the timing table (when the sweep ran),
-    correctness and memory, then the host-cost and QLoRA sections when the report has them."""
+    correctness and memory, then the host-cost, QLoRA and MoE sections when the report has them."""
     lines = _header_lines(report)
     if report["results"]:
         timed = strategies_timed(report)
@@ -204,6 +205,8 @@ def markdown_report(report: Dict[str, object]) -> str:
         from lorafast.bench.dora import dora_markdown  # imports peft-dependent code only when there is a section
 
         lines += [dora_markdown(report["dora"]), ""]
+    if report.get("moe"):
+        lines += [moe_markdown(report["moe"]), ""]
     if report["failures"]:
         lines += ["## Correctness failures", ""] + [f"- {failure}" for failure in report["failures"]] + [""]
     return "\n".join(lines)

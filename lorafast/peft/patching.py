@@ -16,9 +16,12 @@ from peft.tuners.lora.layer import LoraLayer, dispatch_default
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from lorafast.peft import dora
+from lorafast.peft import dora, experts
 from lorafast.peft.core import BACKEND_ATTR, NAME_ATTR, PLAN_ATTR, check_backend, register_variant
 from lorafast.peft.linear import FusedLoraLinear
+
+# Per-kind eligibility beyond the class (a ParamWrapper is fused only on a transformers experts module).
+_ELIGIBLE = {experts.FusedParamWrapper: experts.eligible}
 
 
 def _swap_in(layer: nn.Module, backend: str, name: Optional[str], fused_class: type) -> None:
@@ -29,12 +32,13 @@ def _swap_in(layer: nn.Module, backend: str, name: Optional[str], fused_class: t
 
 @functools.cache
 def fused_classes() -> dict[type, type]:
-    """PEFT class → its lorafast subclass: plain ``lora.Linear`` plus the 4-bit layer of
-    :mod:`lorafast.peft.bnb` (imported lazily, as it needs bitsandbytes, and skipped when it cannot be).
-    Also wires the LoRA variants the fused layers run (DoRA, :mod:`lorafast.peft.dora`) into the core."""
+    """PEFT class → its lorafast subclass: plain ``lora.Linear``, ``ParamWrapper`` on MoE experts
+    (:mod:`lorafast.peft.experts`) plus the 4-bit layer of :mod:`lorafast.peft.bnb` (imported lazily, as it needs
+    bitsandbytes, and skipped when it cannot be). Also wires the LoRA variants the fused layers run (DoRA,
+    :mod:`lorafast.peft.dora`) into the core."""
     for variant_type, support in dora.VARIANTS.items():
         register_variant(variant_type, support)
-    classes: dict[type, type] = {PeftLoraLinear: FusedLoraLinear}
+    classes: dict[type, type] = {PeftLoraLinear: FusedLoraLinear, **experts.FUSED_CLASSES}
     try:
         from lorafast.peft import bnb
     except ImportError:
@@ -43,10 +47,14 @@ def fused_classes() -> dict[type, type]:
     return classes
 
 
+def _always(module: nn.Module) -> bool:
+    return True
+
+
 def patch(model: nn.Module, backend: str = "auto") -> int:
     """Make every PEFT LoRA layer in ``model`` that lorafast covers (``lora.Linear`` over ``nn.Linear`` or GPT-2's
-    ``Conv1D``, bitsandbytes' 4-bit ``Linear4bit``; plain LoRA or DoRA adapters) run the fused op; changes
-    nothing else.
+    ``Conv1D``, bitsandbytes' 4-bit ``Linear4bit``, plain LoRA or DoRA adapters; ``ParamWrapper`` on transformers'
+    MoE experts from ``target_parameters``) run the fused op; changes nothing else.
 
     Swaps the layers' class in place (no new parameters, buffers or submodules; state_dict keys and
     saved adapters are unchanged). Idempotent: already-patched layers are skipped, but take the new
@@ -67,6 +75,8 @@ def patch(model: nn.Module, backend: str = "auto") -> int:
     ineligible: dict[str, int] = {}
     for name, module in model.named_modules():
         fused_class = classes.get(type(module))
+        if fused_class is not None and not _ELIGIBLE.get(fused_class, _always)(module):
+            fused_class = None
         if fused_class is not None:
             _swap_in(module, backend, name, fused_class)
             patched += 1
@@ -97,7 +107,7 @@ def unpatch(model: nn.Module) -> int:
         peft_class = peft_class_of.get(type(module))
         if peft_class is not None:
             module.__class__ = peft_class
-            for attr in (BACKEND_ATTR, NAME_ATTR, PLAN_ATTR):
+            for attr in (BACKEND_ATTR, NAME_ATTR, PLAN_ATTR, experts.DROPOUT_ATTR):
                 module.__dict__.pop(attr, None)
             restored += 1
     return restored
