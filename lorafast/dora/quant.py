@@ -20,7 +20,7 @@ import torch
 from lorafast import dispatch
 from lorafast import strategies as lora_strategies
 from lorafast.dora import ops, strategies
-from lorafast.dora.functional import triton_dora_fallback
+from lorafast.dora.functional import DoraStepOutputs, triton_dora_fallback
 from lorafast.functional import _dropout_seed, op_scale, scale_tensor
 from lorafast.qlora import DEFAULT_CUDA, QLoraCall, QuantSnapshot, dequantize
 from lorafast.strategies.aten import as_dtype
@@ -98,12 +98,13 @@ def _timing_run(x2, call: QLoraCall, magnitude, scale, needs) -> Callable[[str],
                 y, h, zb, g, inv_norm = ops.norm_and_forward(name, x2, weight, call.bias, call.lora_a, call.lora_b,
                                                              magnitude, scale, seed, p)
                 if not any(needs):
-                    return (y, None, None, None, None, None)
+                    return DoraStepOutputs(y, None, None, None, None, None)
                 if not grad_y:
                     grad_y.append(torch.full_like(y, 1e-2))
                 weight = dequantize(call.snap, x2.dtype, True)
-                return (y, *strategies.get(name).backward(grad_y[0], x2, weight, call.lora_a, call.lora_b, h, zb, g,
-                                                          inv_norm, scale, seed, p, *needs))
+                grads = strategies.get(name).backward(grad_y[0], x2, weight, call.lora_a, call.lora_b, h, zb, g,
+                                                      inv_norm, scale, seed, p, *needs)
+                return DoraStepOutputs(y, *grads)
 
         return run
 

@@ -116,12 +116,12 @@ def step_runner(x, weight, transposed, bias, offsets, lora_a, lora_b, scale, p, 
             with torch.no_grad():
                 y, h = impl.forward(x, weight, transposed, bias, offsets, lora_a, lora_b, scale, seed, p)
                 if not any(needs):
-                    return (y, None, None, None, None)
+                    return dispatch.StepOutputs(y, None, None, None, None)
                 if not grad_y:
                     grad_y.append(torch.full_like(y, 1e-2))
                 grads = impl.backward(grad_y[0], x, weight, transposed, offsets, lora_a, lora_b, h, scale, seed, p,
                                       *needs)
-                return (y, *grads)
+                return dispatch.StepOutputs(y, *grads)
 
         return run
 
