@@ -274,7 +274,8 @@ def test_auto_timing_runs_return_every_output_and_agree(monkeypatch, tmp_path):
     dispatch.clear()
     try:
         timed = []
-        monkeypatch.setattr(dispatch, "_timer", lambda name, run: timed.append(run()) or {"fused": 2.0}.get(name, 1.0))
+        times = {"fused": 2.0, "aten": 3.0, "cublas": 1.0}
+        monkeypatch.setattr(dispatch, "_timer", lambda name, run: timed.append(run()) or times[name])
         monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # take the CUDA "auto" path
         with torch.no_grad():
             chosen = choose_strategy("auto", x, inp.weight, False, bias, inp.offsets, a, b, scale, 0.0)
