@@ -24,14 +24,28 @@ def test_lorafast_kernels_is_the_installed_name():
     assert run_from_checkout("import lorafast.kernels.lora_fwd as m; print(m.__name__)") == "lorafast.kernels.lora_fwd"
 
 
-def test_top_level_kernels_reads_as_not_installed():
+def test_top_level_kernels_is_never_our_folder():
+    """From a checkout `import kernels` finds the Hugging Face distribution when it is installed (transformers >= 5.25
+    requires it) and nothing when it is not; never our kernels/ folder, and transformers' probe agrees."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution("kernels")
+        installed = True
+    except metadata.PackageNotFoundError:
+        installed = False
     code = """
         import kernels
-        print(getattr(kernels, "__file__", None), getattr(kernels, "__version__", None))
+        print(getattr(kernels, "__file__", None))
         from transformers.utils.import_utils import is_kernels_available
         print(is_kernels_available())
     """
-    assert run_from_checkout(code).splitlines() == ["None None", "False"]
+    found, available = run_from_checkout(code).splitlines()
+    ours = os.path.join(ROOT, "kernels") + os.sep
+    if installed:
+        assert found != "None" and not found.startswith(ours) and available == "True", (found, available)
+    else:
+        assert (found, available) == ("None", "False")
 
 
 def test_real_kernels_distribution_wins(tmp_path):
