@@ -313,3 +313,19 @@ def test_auto_on_cuda_times_once_and_caches(cache_dir):
     chosen = dispatch.choices()
     assert len(chosen) == 1 and next(iter(chosen.values())) in CANDIDATES
     assert dispatch.cache_path().exists()
+
+
+@pytest.mark.parametrize("family", ["lorafast.strategies", "lorafast.dora.strategies", "lorafast.moe.strategies"])
+def test_each_op_family_loads_its_own_strategy_modules(family):
+    """One loader serves the plain op, DoRA and MoE: each family's get() imports its own package's module (aliases
+    included, cached) and names the strategies on an unknown name."""
+    import importlib
+
+    get = importlib.import_module(family).get
+    package = family.removesuffix(".strategies") if family == "lorafast.dora.strategies" else family
+    for name in strategies.STRATEGIES:
+        assert get(name).__name__ == f"{package}.{name}" and get(name) is get(name)
+    for alias, canonical in strategies.ALIASES.items():
+        assert get(alias) is get(canonical)
+    with pytest.raises(ValueError, match="unknown strategy 'nope'"):
+        get("nope")

@@ -25,7 +25,7 @@ import os
 import re
 import warnings
 from types import ModuleType
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -40,19 +40,28 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Replaces backend="auto" everywhere (e.g. LORAFAST_STRATEGY=aten to rule our kernels out of a run).
 ENV_STRATEGY = "LORAFAST_STRATEGY"
 
-_modules: dict = {}
 _warned: set = set()
 
 
-def get(name: str) -> ModuleType:
-    """The module of strategy ``name`` (a STRATEGIES entry or an alias)."""
-    module = _modules.get(name)
-    if module is None:
-        canonical = ALIASES.get(name, name)
-        if canonical not in STRATEGIES:
-            raise ValueError(f"lorafast: unknown strategy {name!r}; expected one of {BACKENDS}")
-        module = _modules[name] = importlib.import_module(f"lorafast.strategies.{canonical}")
-    return module
+def module_getter(package: str) -> Callable[[str], ModuleType]:
+    """``get(name)`` for one op family: the module ``{package}.{strategy}`` of strategy ``name`` (a STRATEGIES
+    entry or an alias), imported on first use and cached (the plain op's, DoRA's and MoE's strategy modules)."""
+    modules: dict = {}
+
+    def get(name: str) -> ModuleType:
+        """The module of strategy ``name`` (a STRATEGIES entry or an alias)."""
+        module = modules.get(name)
+        if module is None:
+            canonical = ALIASES.get(name, name)
+            if canonical not in STRATEGIES:
+                raise ValueError(f"lorafast: unknown strategy {name!r}; expected one of {BACKENDS}")
+            module = modules[name] = importlib.import_module(f"{package}.{canonical}")
+        return module
+
+    return get
+
+
+get = module_getter("lorafast.strategies")
 
 
 def warn_once(key: str, message: str) -> None:

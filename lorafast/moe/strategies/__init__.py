@@ -18,20 +18,7 @@ in lora_A's / lora_B's layouts, db as (E, N), all in the accumulation dtype.
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
+from lorafast.strategies import module_getter
 
-from lorafast.strategies import ALIASES, BACKENDS, STRATEGIES
-
-_modules: dict = {}
-
-
-def get(name: str) -> ModuleType:
-    """The module of strategy ``name`` (a STRATEGIES entry or an alias)."""
-    module = _modules.get(name)
-    if module is None:
-        canonical = ALIASES.get(name, name)
-        if canonical not in STRATEGIES:
-            raise ValueError(f"lorafast: unknown strategy {name!r}; expected one of {BACKENDS}")
-        module = _modules[name] = importlib.import_module(f"lorafast.moe.strategies.{canonical}")
-    return module
+# get(name): the MoE module of strategy ``name`` (a STRATEGIES entry or an alias).
+get = module_getter("lorafast.moe.strategies")
