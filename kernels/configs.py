@@ -25,9 +25,11 @@ EPILOGUE = "epilogue"  # in-place rank-r updates after a cuBLAS GEMM: Y += s·H�
 TWO_ACC = "two_acc"    # DoRA's GEMMs with dropout (kernels/dora_*.py): GEMM/DX roles, two BLOCK_M×BLOCK_N accumulators
 DORA_SKINNY = "dora_skinny"  # DoRA's dH/dB/db/dm pass: SKINNY roles, more live operands (g⊙B, dYᵀ·H, Zb)
 DORA_GEMM = "dora_gemm"  # DoRA's forward GEMM without dropout: GEMM roles, a g-scaled epilogue that also stores Zb
+DORA_DX = "dora_dx"    # DoRA's dX GEMM without dropout: DX roles, g-scaled dY
 MOE_SKINNY = "moe_skinny"  # MoE shrink and dA passes (kernels/moe_*.py): roles as SKINNY
 MOE_DH = "moe_dh"          # MoE dH/dB/db pass (kernels/moe_bwd.py): roles as SKINNY
 MOE_GEMM = "moe_gemm"      # MoE grouped GEMM with the LoRA epilogue (kernels/moe_fwd.py): roles as GEMM
+MOE_DX = "moe_dx"          # MoE grouped dX GEMM with the dropout epilogue (kernels/moe_bwd.py): roles as DX
 
 
 def interpreting() -> bool:
@@ -80,10 +82,16 @@ _TABLES = {
         90: [(64, 64, 64, 8, 3, 64), (64, 32, 64, 8, 3), (128, 32, 64, 8, 3, 64), (128, 32, 32, 4, 4, 32)],
         80: [(64, 64, 64, 8, 3, 64), (64, 32, 64, 8, 3), (128, 32, 64, 8, 3, 64), (128, 32, 32, 4, 4, 32)],
     },
-    # The GEMM rows, but 128×256×64 (which spilled 160 B at rank block 64 on sm_90 in the grouped GEMM) up to 32.
+    # The GEMM rows, but 128×256×64 (which spilled 160 B at rank block 64 on sm_90 in the grouped GEMM) up to 32;
+    # on sm_80 128×128 w8 and 64×128 w4 up to 32 too (Triton 3.6 spilled 16 and 40 B at rank block 64, 2026-12-04).
     MOE_GEMM: {
         90: [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3, 32), (64, 128, 64, 4, 4, 64), (128, 64, 64, 8, 4)],
-        80: [(128, 128, 32, 8, 4, 64), (64, 128, 32, 4, 4, 64), (128, 64, 32, 4, 4, 64), (64, 128, 32, 8, 3)],
+        80: [(128, 128, 32, 8, 4, 32), (64, 128, 32, 4, 4, 32), (128, 64, 32, 4, 4, 64), (64, 128, 32, 8, 3)],
+    },
+    # DX's rows, but sm_80's 128×64 w4 up to rank block 32 (Triton 3.6 spilled 8 B at 64 in the grouped dX).
+    MOE_DX: {
+        90: [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 8, 4)],
+        80: [(128, 128, 32, 8, 4, 32), (64, 128, 32, 4, 4, 32), (128, 64, 32, 4, 4, 32), (64, 128, 32, 8, 3)],
     },
     # Elementwise-sized tiles with one small dot; BLOCK_K is unused.
     EPILOGUE: {
@@ -94,17 +102,24 @@ _TABLES = {
     # dora_gemm r = 16: 40 B at 128×128×64 w8, 1,512 B at 128×256), so half-size tiles. 64×128 w4 spilled
     # 32-464 B at rank block 128 (dX and forward); 64×128 w8 s3 put 34-35 hash instructions per mask element into
     # the forward (16 mask elements per thread and step carry the row/column keys). Not timed on a GPU.
+    # Triton 3.6 (gate, 2026-12-04) failed 64×128 at rank block 16 in the dropout forward, on sm_90 (8 B spilled)
+    # and on sm_80 (37.8 hash instructions per mask element): dropped from both.
     TWO_ACC: {
-        90: [(128, 64, 64, 8, 4), (64, 128, 64, 4, 4, 64), (64, 64, 64, 4, 4)],
-        # At rank block 128 the first four spilled 40-952 B on sm_80 (and 64×128 put 49 hash instructions per mask
+        90: [(128, 64, 64, 8, 4), (64, 64, 64, 4, 4)],
+        # At rank block 128 the first three spilled 40-952 B on sm_80 (and 64×128 put 49 hash instructions per mask
         # element in the forward); 64×32 at 3 stages passed (32×64 too, but with 32.6 at rank block 16).
-        80: [(128, 64, 32, 4, 4, 64), (64, 128, 32, 4, 4, 64), (64, 64, 32, 4, 4, 64), (128, 64, 32, 8, 3, 64),
-             (64, 32, 32, 4, 3)],
+        80: [(128, 64, 32, 4, 4, 64), (64, 64, 32, 4, 4, 64), (128, 64, 32, 8, 3, 64), (64, 32, 32, 4, 3)],
     },
     # GEMM's rows without 128×256 (the DoRA epilogue spilled 512 B there on sm_90, AOT gate, rank block 16).
     DORA_GEMM: {
         90: [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4, 64), (128, 64, 64, 8, 4)],
         80: [(128, 128, 32, 8, 4, 64), (64, 128, 32, 4, 4, 64), (128, 64, 32, 4, 4, 64), (64, 128, 32, 8, 3)],
+    },
+    # DX's rows without sm_80's 128×128×32 w8, which spilled 8 B at rank block 16 in the W-transposed (Conv1D) DoRA
+    # dX with Triton 3.6 (gate, 2026-12-04).
+    DORA_DX: {
+        90: [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 8, 4)],
+        80: [(64, 128, 32, 4, 4, 32), (128, 64, 32, 4, 4, 64), (64, 128, 32, 8, 3)],
     },
     # SKINNY's rows, but 64×64×64 w8 s3 spilled 40 B at rank block 128 on sm_80 in the DoRA pass (it holds g⊙B,
     # the dYᵀ·H tile and Zb besides the plain pass's operands): there 64×32×64 w8 s3 (gate: 248 registers, 0 B).
@@ -123,15 +138,19 @@ _FP32_TABLE = {
     DX: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
     SKINNY: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 16), (16, 32, 16, 4, 2, 64), (16, 16, 16, 4, 2)],
     EPILOGUE: [(32, 64, 16, 4, 2, 16), (32, 32, 16, 4, 2, 64), (16, 32, 16, 4, 2)],
-    TWO_ACC: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
+    # 32×32 w4 spilled 8 B at rank block 16 in the W-transposed dropout forward on sm_80 with Triton 3.6.
+    TWO_ACC: [(32, 64, 32, 8, 2, 64), (16, 32, 32, 4, 2)],
+    DORA_DX: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
     DORA_GEMM: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
     # fp32 DoRA dH/dB/dm pass: 32×64 spilled 16-136 B at rank block 16 (sm_80/sm_90), and every tile down to
     # 16×16×16 spilled at rank block 128, so above rank block 64 fp32 DoRA runs `aten` on NVIDIA
     # (lorafast.dora.functional.triton_dora_fallback).
     DORA_SKINNY: [(32, 32, 32, 4, 2, 64)],
-    MOE_SKINNY: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 16), (16, 32, 16, 4, 2)],
+    # 32×64 w8 spilled 8 B at rank block 64 in the MoE shrink on sm_80 with Triton 3.6.
+    MOE_SKINNY: [(32, 64, 32, 8, 2, 32), (32, 32, 32, 4, 2, 16), (16, 32, 16, 4, 2)],
     MOE_DH: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 16), (16, 32, 16, 8, 2)],
     MOE_GEMM: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
+    MOE_DX: [(32, 64, 32, 8, 2, 64), (32, 32, 32, 4, 2, 64), (16, 32, 32, 4, 2)],
 }
 # AMD CDNA3 (MI300, gfx942; warp = 64-lane wavefront): 64 KiB of LDS per workgroup, so the NVIDIA
 # tables' deep pipelines do not fit; Triton's AMD stream pipeliner runs num_stages = 2. Rows from the
@@ -142,13 +161,16 @@ _AMD_TABLES = {
     SKINNY: [(64, 64, 64, 4, 2), (128, 32, 32, 4, 2, 32), (32, 128, 128, 4, 2, 32)],
     EPILOGUE: [(64, 128, 16, 4, 2), (128, 64, 16, 8, 2, 32), (64, 64, 16, 4, 2, 32)],
     TWO_ACC: [(128, 64, 64, 4, 2), (64, 128, 64, 4, 2), (64, 64, 64, 4, 2)],
-    DORA_SKINNY: [(64, 64, 64, 4, 2), (128, 32, 32, 4, 2, 32), (32, 128, 128, 4, 2, 32)],
+    # 64×64×64 w4 spilled 36 B at rank block 128 with Triton 3.6 (gate, 2026-12-04): 8 warps there.
+    DORA_SKINNY: [(64, 64, 64, 4, 2, 64), (128, 32, 32, 4, 2, 32), (32, 128, 128, 4, 2, 32), (64, 64, 64, 8, 2)],
+    DORA_DX: [(128, 128, 64, 8, 2, 64), (64, 128, 64, 4, 2), (128, 64, 64, 4, 2)],
     # 128×64 w4 spilled 24 B at rank block 128 in the DoRA forward (gfx942 gate).
     DORA_GEMM: [(128, 128, 64, 8, 2), (64, 128, 64, 4, 2), (128, 64, 64, 4, 2, 64)],
     # 4 warps for the shrink (8-warp rows cost 60.4 instructions per mask element there), 8 for dH (spills).
     MOE_SKINNY: [(64, 64, 64, 4, 2), (128, 32, 32, 4, 2, 32), (32, 128, 128, 4, 2, 32)],
     MOE_DH: [(64, 64, 64, 8, 2), (64, 32, 64, 8, 2, 32), (128, 32, 32, 4, 2, 32)],
     MOE_GEMM: [(128, 128, 64, 8, 2), (64, 128, 64, 4, 2), (128, 64, 64, 4, 2)],
+    MOE_DX: [(128, 128, 64, 8, 2, 64), (64, 128, 64, 4, 2), (128, 64, 64, 4, 2)],
 }
 _AMD_FP32_TABLE = {
     GEMM: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
@@ -158,9 +180,12 @@ _AMD_FP32_TABLE = {
     TWO_ACC: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
     DORA_SKINNY: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
     DORA_GEMM: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
+    DORA_DX: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
     MOE_SKINNY: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
-    MOE_DH: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
+    # 32×64 spilled 116 B at rank block 64 in the MoE dH pass with Triton 3.6 (gate, 2026-12-04).
+    MOE_DH: [(32, 64, 32, 4, 2, 32), (32, 32, 32, 4, 2)],
     MOE_GEMM: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
+    MOE_DX: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
 }
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
 

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from lorafast.kernels import alloc
-from lorafast.kernels.configs import DORA_SKINNY, DX, EPILOGUE, TWO_ACC, launch, m_bucket, rank_block, split_for
+from lorafast.kernels.configs import DORA_DX, DORA_SKINNY, EPILOGUE, TWO_ACC, launch, m_bucket, rank_block, split_for
 from lorafast.kernels.dropout import dropout_col_keys, dropout_keep, dropout_row_keys, mask_threshold
 from lorafast.kernels.dtypes import dot_precision, lora_dot, skinny_fp32_tiles
 from lorafast.kernels.lora_fwd import grouped_tile
@@ -262,7 +262,7 @@ def dora_dx(
     has_dropout = dropout_p > 0.0
     lora_fp32, lora_precision = lora_dot(grad_y.dtype, lora_a.dtype)
     launch(
-        dora_dx_kernel, TWO_ACC if has_dropout else DX, grad_y.device,
+        dora_dx_kernel, TWO_ACC if has_dropout else DORA_DX, grad_y.device,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
         (grad_y, weight, g, dh, lora_a, seed if has_dropout else dh, dx, M, N, K, R, m_bucket(M),
          *grad_y.stride(), *weight.stride(), *lora_a.stride(), *dx.stride(),

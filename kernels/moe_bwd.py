@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from lorafast.kernels import alloc
-from lorafast.kernels.configs import DX, EPILOGUE, MOE_DH, MOE_SKINNY, launch, m_bucket, rank_block, split_for
+from lorafast.kernels.configs import EPILOGUE, MOE_DH, MOE_DX, MOE_SKINNY, launch, m_bucket, rank_block, split_for
 from lorafast.kernels.dropout import dropout_col_keys, dropout_keep, dropout_row_keys, mask_threshold
 from lorafast.kernels.dtypes import dot_precision
 from lorafast.kernels.lora_bwd import dx_lora_tile
@@ -249,7 +249,7 @@ def moe_dx(grad_y: torch.Tensor, weight: torch.Tensor, transposed: bool, offsets
     dx = alloc.empty((S, K), grad_y.dtype, grad_y.device)
     has_dropout = dropout_p > 0.0
     launch(
-        moe_dx_kernel, DX, grad_y.device,
+        moe_dx_kernel, MOE_DX, grad_y.device,
         lambda meta: (row_tiles(S, E, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"])),
         (grad_y, weight, dh, lora_a, seed if has_dropout else dh, dx, offsets, S, N, K, R, E, m_bucket(S),
          *grad_y.stride(), *nk_strides(weight, transposed), *lora_a.stride(), *dx.stride(),

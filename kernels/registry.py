@@ -18,12 +18,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 from unittest import mock
 
 from lorafast.kernels.configs import (
+    DORA_DX,
     DORA_GEMM,
     DORA_SKINNY,
     DX,
     EPILOGUE,
     GEMM,
     MOE_DH,
+    MOE_DX,
     MOE_GEMM,
     MOE_SKINNY,
     SKINNY,
@@ -364,7 +366,7 @@ def _dora_entries(arch: Union[int, str], dtype: str, block_r: int) -> List[AotEn
         ("dropout_apply", dropout_apply_kernel, {}, EPILOGUE, fp32, 0.0, "HASH_MASK", ("BLOCK_M", "BLOCK_N"), False),
         ("dora_grad_h", dora_grad_h_kernel, {**common, "NEED_DH": True, "NEED_DB_LORA": True, "NEED_DBIAS": True,
                                              "NEED_DM": True}, DORA_SKINNY, fp32, SKINNY_MIN_WAVES, "", (), not fp32),
-        ("dora_dx", dora_dx_kernel, {**common, "HAS_DROPOUT": False, "GROUP_M": 8}, DX, fp32, 0.0, "", (),
+        ("dora_dx", dora_dx_kernel, {**common, "HAS_DROPOUT": False, "GROUP_M": 8}, DORA_DX, fp32, 0.0, "", (),
          not fp32),
         ("dora_dx_dropout", dora_dx_kernel, {**common, "HAS_DROPOUT": True, "GROUP_M": 8}, TWO_ACC, fp32, 0.0,
          "HASH_MASK", ("BLOCK_M", "BLOCK_N"), not fp32),
@@ -498,7 +500,7 @@ def _moe_entries(arch: Union[int, str], dtype: str, block_r: int) -> List[AotEnt
         ("moe_lora_gemm", moe_lora_gemm_kernel, {"HAS_BIAS": True}, MOE_GEMM, False, (), ("nk", "kn")),
         ("moe_expand_add", moe_expand_add_kernel, {"HAS_BIAS": True}, EPILOGUE, False, (), ("",)),
         ("moe_grad_h", moe_grad_h_kernel, {"NEED_DB_LORA": True, "NEED_DBIAS": True}, MOE_DH, True, (), ("",)),
-        ("moe_dx", moe_dx_kernel, {"HAS_DROPOUT": True}, DX, False, ("BLOCK_M", "BLOCK_N"), ("nk", "kn")),
+        ("moe_dx", moe_dx_kernel, {"HAS_DROPOUT": True}, MOE_DX, False, ("BLOCK_M", "BLOCK_N"), ("nk", "kn")),
         ("moe_dx_lora_add", moe_dx_lora_add_kernel, {"HAS_DROPOUT": True}, EPILOGUE, False, ("BLOCK_M", "BLOCK_N"),
          ("",)),
         ("moe_grad_a", moe_grad_a_kernel, {"HAS_DROPOUT": True}, MOE_SKINNY, True, ("BLOCK_M", "BLOCK_K"), ("",)),
