@@ -20,7 +20,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lorafast.strategies.aten import accum_dtype, as_dtype
+from lorafast.strategies.aten import RANK_DIRECT_MULTIPLE, accum_dtype, as_dtype
 
 # Rows of a 16-bit W are widened to fp32 this many elements at a time (4 MiB of fp32): bounded memory.
 CHUNK_ELEMENTS = 1 << 20
@@ -113,10 +113,17 @@ def weight_times_adapter(weight: torch.Tensor, lora_a: torch.Tensor) -> torch.Te
     dtype = norm_dtype(weight.dtype)
     a_t = as_dtype(lora_a, dtype).t()
     N = weight.shape[0]
-    out = torch.empty((a_t.shape[1], N), dtype=dtype, device=weight.device).t()
+    r = a_t.shape[1]
+    if r % RANK_DIRECT_MULTIPLE == 0:
+        # rows·Aᵀ as is: at r = 16 MKL's plain product is faster (5632×2048: 4.5 vs 7.4 ms on the 2-core CPU).
+        out = torch.empty((N, r), dtype=dtype, device=weight.device)
+        for start, rows in _row_chunks(weight, dtype):
+            torch.mm(rows, a_t, out=out[start:start + rows.shape[0]])
+        return out
+    out = torch.empty((r, N), dtype=dtype, device=weight.device).t()
     for start, rows in _row_chunks(weight, dtype):
-        # (Aᵀ's transpose @ rowsᵀ)ᵀ: MKL is several times faster with the rank as the row count
-        # (lorafast.strategies.aten.rank_r_product).
+        # (Aᵀ's transpose @ rowsᵀ)ᵀ: at r = 8 MKL is faster with the rank as the row count
+        # (768×768: 0.18 vs 0.31 ms; lorafast.strategies.aten.rank_r_product).
         torch.mm(a_t.t(), rows.t(), out=out[start:start + rows.shape[0]].t())
     return out
 

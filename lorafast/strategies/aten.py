@@ -33,6 +33,8 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
 # At or below this many elements in ``big`` the plain product is cheaper than the transposed form
 # (16×64 @ 64×8: 5.4 vs 6.8 µs; 64×64: 9.1 vs 7.6 µs, 1 thread on the 2-core CPU).
 _DIRECT_PRODUCT_MAX = 1024
+# Ranks that are a multiple of this take the plain product (see rank_r_product).
+RANK_DIRECT_MULTIPLE = 16
 
 
 def rank_r_product(big: torch.Tensor, small: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -42,9 +44,13 @@ def rank_r_product(big: torch.Tensor, small: torch.Tensor, alpha: float = 1.0) -
     output's column count (measured on the 2-core CPU: 2048×768 @ 768×8 takes 0.8 ms, and the transposed
     form 0.44 ms; 768×2048 @ 2048×8 takes 7.0 ms vs 0.44 ms; 512×768: 297 vs 131 µs). PEFT's unfused
     layer pays the slow forms. No ``.contiguous()``: every consumer takes strides, and copying back cost
-    more than it saved (512×768: 208 vs 131 µs). At tiny sizes the plain product wins.
+    more than it saved (512×768: 208 vs 131 µs). At tiny sizes the plain product wins, and so it does when r is a
+    multiple of 16 and ``big`` is row-major (MKL has a fast kernel for a 16-wide output; 2026-12-04, same CPU,
+    direct/transposed time at r = 16: 0.56–0.74 for x·Aᵀ and dY·B at 512×2048→5632, 2048×768→768/3072 and
+    256×4096→4096; at r = 8 the transposed form stays faster, up to 2.5×). A transposed ``big`` (dYᵀ·H) keeps
+    the transposed form: there the direct one lost at small M (256×4096: 1.5×).
     """
-    if big.numel() <= _DIRECT_PRODUCT_MAX:
+    if big.numel() <= _DIRECT_PRODUCT_MAX or (small.shape[1] % RANK_DIRECT_MULTIPLE == 0 and big.stride(1) == 1):
         return scaled_mm(big, small, alpha)
     return scaled_mm(small.t(), big.t(), alpha).t()
 
