@@ -34,7 +34,7 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
 # (16×64 @ 64×8: 5.4 vs 6.8 µs; 64×64: 9.1 vs 7.6 µs, 1 thread on the 2-core CPU).
 _DIRECT_PRODUCT_MAX = 1024
 # Ranks that are a multiple of this take the plain product (see rank_r_product).
-RANK_DIRECT_MULTIPLE = 16
+_RANK_DIRECT_MULTIPLE = 16
 
 
 def rank_r_product(big: torch.Tensor, small: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -50,7 +50,7 @@ def rank_r_product(big: torch.Tensor, small: torch.Tensor, alpha: float = 1.0) -
     256×4096→4096; at r = 8 the transposed form stays faster, up to 2.5×). A transposed ``big`` (dYᵀ·H) keeps
     the transposed form: there the direct one lost at small M (256×4096: 1.5×).
     """
-    if big.numel() <= _DIRECT_PRODUCT_MAX or (small.shape[1] % RANK_DIRECT_MULTIPLE == 0 and big.stride(1) == 1):
+    if big.numel() <= _DIRECT_PRODUCT_MAX or (small.shape[1] % _RANK_DIRECT_MULTIPLE == 0 and big.stride(1) == 1):
         return scaled_mm(big, small, alpha)
     return scaled_mm(small.t(), big.t(), alpha).t()
 
