@@ -162,6 +162,29 @@ def test_norm_matches_dense_float64(strategy, dtype, case):
         assert row_sq is None
 
 
+@pytest.mark.parametrize("r", [5, 8, 16, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["rows", "conv1d_t"])
+@pytest.mark.parametrize("chunk", [None, 150], ids=["one_chunk", "chunked"])
+def test_weight_times_adapter_and_row_sq(monkeypatch, r, dtype, layout, chunk):
+    """W·Aᵀ (N, r) and ‖W‖² against float64, through both forms of the rank-r product (r = 16, 32: MKL's plain
+    product; 5, 8: the transposed one), for a row-major W and a Conv1D weight's ``.t()`` view, with 16-bit W
+    widened in one piece or in several row chunks (``chunk`` elements each)."""
+    if chunk is not None:
+        monkeypatch.setattr(dora_norm, "CHUNK_ELEMENTS", chunk)
+    N, K = 37, 70
+    w64 = torch.randn(N, K, device=DEVICE, dtype=torch.float64)
+    a = torch.randn(r, K, device=DEVICE)
+    w = w64.to(dtype) if layout == "rows" else w64.t().contiguous().to(dtype).t()
+    assert w.is_contiguous() == (layout == "rows")
+    got = dora_norm.weight_times_adapter(w, a)
+    assert got.shape == (N, r) and got.dtype == torch.float32
+    want = w.double() @ a.double().t()
+    assert rel_err(got, want) <= 1e-6
+    row_sq = dora_norm.row_sq_norms_uncached(w)
+    assert row_sq.shape == (N,) and rel_err(row_sq, (w.double() ** 2).sum(1)) <= 1e-6
+
+
 def test_norm_tensor_scaling_and_float64():
     N, K, r = 9, 33, 3
     w, a, b = (torch.randn(N, K, dtype=torch.float64), torch.randn(r, K, dtype=torch.float64),
