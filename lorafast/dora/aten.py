@@ -14,7 +14,7 @@ third GEMM, see docs/dora.md), g and 1/‖·‖ (N each) and the seed. The LoRA 
 dB needs anyway, so only the base product is saved, not the whole g-scaled term.
 
 Why these forms, on the 2-core CPU (MKL sgemm): the rank-r products use
-:func:`lorafast.strategies.aten.rank_r_product` (the rank as the output's row count), g is folded into B
+:func:`lorafast.strategies.aten.rank_r_product` (MKL's faster form for the rank), g is folded into B
 (N×r) rather than into an M×N pass where the math allows it, and every M×N / M×K update is in place or
 written once with ``out=`` (fresh large tensors cost page faults on this VM). 16-bit x: elementwise products
 with the fp32 g are computed in fp32 and rounded once into the 16-bit output (``out=``).
